@@ -1,0 +1,19 @@
+"""Session-wide fixtures: the tiny model and synthetic data are built once per test session."""
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """Paths of the tiny Qwen2.5-VL and its synthetic datasets: {"model", "registry", ...}."""
+    sys.path.insert(0, os.path.join(REPO, "demo"))
+    from build_tiny_assets import build
+
+    return build(str(tmp_path_factory.mktemp("tiny")), seed=0, num_train=200, num_test=40)

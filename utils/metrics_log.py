@@ -1,0 +1,51 @@
+"""Per-step metrics to metrics.jsonl and TensorBoard (and Weights & Biases when asked), rank 0 only."""
+import json
+import os
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str, *, enabled: bool, resume_step: int = 0, wandb_project: str | None = None,
+                 run_config: dict | None = None):
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.tensorboard = self.wandb = None
+        if not enabled:
+            return
+        self._drop_steps_after(resume_step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=resume_step + 1)
+        if wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, config=run_config, resume="allow")
+
+    def _drop_steps_after(self, step: int) -> None:
+        """On resume, forget what steps after the checkpoint logged before a crash: they are redone."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(name, value, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+    def log_text(self, step: int, name: str, text: str) -> None:
+        if self.enabled:
+            self.tensorboard.add_text(name, text, step)
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
