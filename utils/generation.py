@@ -4,6 +4,14 @@ import torch
 from utils.model import chat_inputs
 
 
+def placeholder_token_ids(processor) -> list[int]:
+    """<|image_pad|> / <|video_pad|>: generating one would make the training forward take it for an
+    image slot ("Image features and image tokens do not match"), so both engines never sample them."""
+    tokenizer = processor.tokenizer
+    return [tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")
+            if tokenizer.convert_tokens_to_ids(t) != tokenizer.unk_token_id]
+
+
 @torch.no_grad()
 def hf_generate(
     model,
@@ -27,6 +35,7 @@ def hf_generate(
         max_new_tokens=max_new_tokens,
         num_return_sequences=num_return_sequences,
         pad_token_id=processor.tokenizer.pad_token_id,
+        suppress_tokens=placeholder_token_ids(processor),
         **sampling,
     )
     completion_ids = output[:, inputs["input_ids"].shape[1]:].tolist()
@@ -88,6 +97,13 @@ def build_vllm(
         enforce_eager=not torch.cuda.is_available(),
         **extra,
     )
+
+
+def vllm_sampling_params(processor, **kwargs):
+    """vLLM SamplingParams that, like hf_generate, never sample an image/video placeholder token."""
+    from vllm import SamplingParams
+
+    return SamplingParams(logit_bias={i: -1e4 for i in placeholder_token_ids(processor)}, **kwargs)
 
 
 def vllm_generate(llm, processor, batch_messages: list, batch_images: list, sampling_params) -> list:

@@ -21,22 +21,23 @@ def resolve_dtype(name: str) -> torch.dtype:
 def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
     """AutoProcessor with min/max pixels set and left padding (batched generation).
 
-    transformers 5 deprecates min_pixels/max_pixels as call-time kwargs; they go into the image
-    processor's `size` (shortest_edge = min pixels, longest_edge = max pixels) at load time."""
+    transformers 5 deprecates min_pixels/max_pixels as call-time kwargs: they become the image
+    processor's `size` (shortest_edge = min pixels, longest_edge = max pixels), set here once."""
     from transformers import AutoProcessor
+    from transformers.image_utils import SizeDict
 
-    size = {}
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except OSError as err:
+        raise InputError(f"cannot load a processor from {path}: {err}".splitlines()[0]) from err
+    size = {k: v for k, v in vars(processor.image_processor.size).items() if v is not None}
     if min_pixels is not None:
         size["shortest_edge"] = min_pixels
     if max_pixels is not None:
         size["longest_edge"] = max_pixels
-    try:
-        processor = AutoProcessor.from_pretrained(path, **({"size": size} if size else {}))
-    except OSError as err:
-        raise InputError(f"cannot load a processor from {path}: {err}".splitlines()[0]) from err
-    if size:
-        # the size passed at load time only reaches the image processor when it has both keys
-        processor.image_processor.size.update(size)
+    if size.get("shortest_edge", 0) > size.get("longest_edge", float("inf")):
+        raise InputError(f"--min-pixels {size['shortest_edge']} is larger than --max-pixels {size['longest_edge']}")
+    processor.image_processor.size = SizeDict(**size)
     processor.tokenizer.padding_side = "left"
     return processor
 
