@@ -1,0 +1,126 @@
+"""Step-2 command line. Defaults follow the paper (SPEC.md); the tiny launcher sets its own."""
+import argparse
+
+from utils.cli import InputError
+
+VARIANTS = {  # the paper's Table 3, one switch each: (thinking reward, trust weight, annealing)
+    "full": (True, True, True),
+    "wo-trust": (True, False, True),
+    "wo-trust-and-annealing": (True, False, False),
+    "grpo": (False, False, False),
+}
+# --reference-parity: the reference code's departures from the paper (SPEC.md)
+REFERENCE_HORIZON = 12_000
+REFERENCE_LR = 6e-7
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Step 2: Trust-GRPO training of a Qwen2.5-VL policy under DeepSpeed ZeRO-3.")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model-path", required=True, help="HF directory of the initial policy")
+    g.add_argument("--registry", required=True, help="dataset_info.json")
+    g.add_argument("--data-path", required=True, help="registry name(s) to train on, comma-separated")
+    g.add_argument("--eval-data-path", default=None, help="registry name(s) for held-out validation")
+    g.add_argument("--output-dir", required=True)
+    g.add_argument("--min-pixels", type=int, default=3136)
+    g.add_argument("--max-pixels", type=int, default=1003520)
+    g.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    g.add_argument("--attn-implementation", default="sdpa", help="flash_attention_2 on GPUs")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--freeze-vision-tower", action="store_true")
+
+    g = p.add_argument_group("rollout")
+    g.add_argument("--rollout-engine", choices=["vllm", "hf"], default="vllm")
+    g.add_argument("--num-generations", type=int, default=8, help="group size N")
+    g.add_argument("--rollout-batch-size", type=int, default=128, help="prompts per step, all ranks together")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-prompt-length", type=int, default=4096, help="prompts longer than this (tokens) are skipped")
+    g.add_argument("--max-completion-length", type=int, default=1024)
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.4)
+    g.add_argument("--vllm-tensor-parallel-size", type=int, default=1)
+    g.add_argument("--vllm-sleep-mode", action="store_true", help="GPU only: free vLLM's memory during the update")
+    g.add_argument("--vllm-max-model-len", type=int, default=None, help="default: prompt + completion length")
+
+    g = p.add_argument_group("rewards (Trust-GRPO)")
+    g.add_argument("--variant", choices=list(VARIANTS), default="full",
+                   help="ablation of the paper's Table 3 (wo-trained-TRM: full with an untrained --trm-model)")
+    g.add_argument("--trm-url", default=None, help="TRM server: http://host:port/v1 or a full /chat/completions URL")
+    g.add_argument("--trm-model", default="thinking-reward-model")
+    g.add_argument("--alpha", type=float, default=0.3, help="weight of the thinking reward")
+    g.add_argument("--anneal-horizon", type=float, default=None, help="T in exp(-step/T); default: --max-steps")
+    g.add_argument("--reference-parity", action="store_true",
+                   help="reproduce the reference code: skip uniform groups and R^o<0.2, T=12000, lr 6e-7")
+    g.add_argument("--trm-max-concurrency", type=int, default=64)
+    g.add_argument("--trm-timeout", type=float, default=60.0, help="seconds per request")
+    g.add_argument("--trm-max-retries", type=int, default=3)
+    g.add_argument("--trm-max-failure-rate", type=float, default=0.5,
+                   help="abort when more TRM requests than this fraction fail over the last --trm-failure-window steps")
+    g.add_argument("--trm-failure-window", type=int, default=3)
+    g.add_argument("--max-answer-chars", type=int, default=4096)
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int, default=1500, help="rollout + update steps")
+    g.add_argument("--learning-rate", type=float, default=None, help="default 5e-7 (6e-7 with --reference-parity)")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--micro-batch-size", type=int, default=4, help="completions per forward pass, per rank")
+    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (TRL: num_iterations)")
+    g.add_argument("--clip-eps", type=float, default=0.2)
+    g.add_argument("--kl-coef", type=float, default=0.04, help="beta; 0 skips the reference model")
+    g.add_argument("--entropy-coef", type=float, default=1e-3)
+    g.add_argument("--loss-agg", choices=["token-mean", "seq-mean-token-mean"], default="token-mean")
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--offload", action="store_true", help="ZeRO-3 offload of parameters and optimizer to CPU")
+    g.add_argument("--zero-param-persistence-threshold", type=int, default=10_000,
+                   help="0 shards every parameter (tests)")
+    g.add_argument("--seed", type=int, default=42)
+
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--save-every", type=int, default=100, help="DeepSpeed checkpoint every K steps (and at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    g.add_argument("--eval-every", type=int, default=0, help="held-out validation every K steps (0: never)")
+    g.add_argument("--eval-max-samples", type=int, default=256)
+    g.add_argument("--sample-every", type=int, default=10, help="log sample completions every K steps")
+    g.add_argument("--wandb-project", default=None, help="also log to Weights & Biases")
+    g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    args = p.parse_args(argv)
+
+    args.use_thinking_reward, args.use_trust, args.use_anneal = VARIANTS[args.variant]
+    if args.learning_rate is None:
+        args.learning_rate = REFERENCE_LR if args.reference_parity else 5e-7
+    if args.anneal_horizon is None:
+        args.anneal_horizon = REFERENCE_HORIZON if args.reference_parity else args.max_steps
+    return args
+
+
+def check_args(args, world_size: int) -> None:
+    """Cross-flag checks, before any model is loaded."""
+    positive = ["num_generations", "rollout_batch_size", "max_completion_length", "max_prompt_length", "max_steps",
+                "micro_batch_size", "ppo_epochs", "save_every", "trm_max_concurrency", "trm_failure_window",
+                "max_answer_chars"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.anneal_horizon <= 0:
+        raise InputError(f"--anneal-horizon must be > 0, got {args.anneal_horizon}")
+    if args.rollout_batch_size % world_size:
+        raise InputError(f"--rollout-batch-size {args.rollout_batch_size} must be divisible by the "
+                         f"{world_size} ranks (each rank rolls out whole groups)")
+    samples_per_rank = args.rollout_batch_size // world_size * args.num_generations
+    if samples_per_rank % args.micro_batch_size:
+        raise InputError(f"the {samples_per_rank} completions per rank (rollout batch / ranks x N) must be "
+                         f"divisible by --micro-batch-size {args.micro_batch_size}")
+    if args.use_thinking_reward and not args.trm_url:
+        raise InputError(f"--variant {args.variant} uses the thinking reward: give --trm-url (or --variant grpo)")
+    if not 0 <= args.trm_max_failure_rate <= 1:
+        raise InputError(f"--trm-max-failure-rate must be in [0, 1], got {args.trm_max_failure_rate}")
+    if args.temperature <= 0:
+        raise InputError("--temperature must be > 0: GRPO needs sampled, different completions")
+    if args.vllm_sleep_mode and args.rollout_engine != "vllm":
+        raise InputError("--vllm-sleep-mode needs --rollout-engine vllm")
+    if args.vllm_tensor_parallel_size > 1 and world_size % args.vllm_tensor_parallel_size:
+        raise InputError(f"{world_size} ranks are not divisible by --vllm-tensor-parallel-size "
+                         f"{args.vllm_tensor_parallel_size}")
+    if args.vllm_tensor_parallel_size > 1 and args.rollout_engine != "vllm":
+        raise InputError("--vllm-tensor-parallel-size needs --rollout-engine vllm")

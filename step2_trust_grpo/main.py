@@ -1,0 +1,296 @@
+"""Step 2: Trust-GRPO training of a Qwen2.5-VL policy under DeepSpeed ZeRO-3.
+
+    deepspeed --num_gpus 8 step2_trust_grpo/main.py --model-path ... --trm-url http://host:8000/v1 ...
+
+Each step: roll out N completions per prompt -> outcome rewards R^o and thinking rewards R^t (TRM
+server) -> Trust-GRPO rewards -> group-normalised advantages -> PPO-clip + k3-KL update -> push the
+new weights into the rollout engine. See SPEC.md for the method and its defaults.
+"""
+import datetime
+import os
+import random
+import statistics
+import sys
+import time
+from collections import deque
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import deepspeed
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers.integrations import HfDeepSpeedConfig
+
+from step2_trust_grpo.arguments import check_args, parse_args
+from step2_trust_grpo.checkpoint import load_checkpoint, save_checkpoint, save_hf_model
+from step2_trust_grpo.loss import group_advantages, grpo_loss
+from step2_trust_grpo.policy import completion_batch, completion_logps
+from step2_trust_grpo.rewards import final_rewards, outcome_rewards, thinking_rewards
+from step2_trust_grpo.rollout import HFRollout, VLLMRollout
+from utils.cli import RunAborted, exit_on_input_error
+from utils.data import load_rows, open_images
+from utils.ds_config import zero3_inference_config, zero3_train_config
+from utils.metrics_log import MetricsLogger
+from utils.model import load_model, load_processor, resolve_dtype
+from utils.outputs import prepare_output_dir, write_run_info
+from utils.prompts import format_question, policy_messages
+from utils.trm_client import TRMClient
+
+
+def seed_step(seed: int, step: int, rank: int) -> int:
+    """Seed every RNG from (seed, step, rank): a resumed run samples exactly what it would have."""
+    step_seed = (seed * 1_000_003 + step * 1009 + rank) % 2**31
+    random.seed(step_seed)
+    np.random.seed(step_seed)
+    torch.manual_seed(step_seed)
+    return step_seed
+
+
+def prompts_for_step(num_rows: int, step: int, batch_size: int, rank: int, world_size: int, seed: int) -> list[int]:
+    """This rank's share of the step's prompts: a fresh seeded permutation of the data every epoch,
+    a function of the step alone (so resume needs no sampler state)."""
+    per_rank = batch_size // world_size
+    start = (step - 1) * batch_size + rank * per_rank
+    indices = []
+    for position in range(start, start + per_rank):
+        epoch, offset = divmod(position, num_rows)
+        order = list(range(num_rows))
+        random.Random(seed + epoch).shuffle(order)
+        indices.append(order[offset])
+    return indices
+
+
+def mean_across_ranks(metrics: dict) -> dict:
+    names = sorted(metrics)
+    values = torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64)
+    torch.distributed.all_reduce(values)
+    return {n: v / torch.distributed.get_world_size() for n, v in zip(names, values.tolist())}
+
+
+def sum_across_ranks(*numbers: float) -> list[float]:
+    values = torch.tensor(numbers, dtype=torch.float64)
+    torch.distributed.all_reduce(values)
+    return values.tolist()
+
+
+def min_across_ranks(number: float) -> float:
+    value = torch.tensor([number], dtype=torch.float64)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return value.item()
+
+
+def build_policy_engines(args, world_size: int, dtype: torch.dtype):
+    """The trained policy and (when the KL term is on) the frozen reference, both ZeRO-3 sharded."""
+    bf16 = dtype == torch.bfloat16
+    samples_per_rank = args.rollout_batch_size // world_size * args.num_generations
+    ds_config = zero3_train_config(
+        micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=samples_per_rank // args.micro_batch_size,
+        world_size=world_size, bf16=bf16, gradient_clipping=args.max_grad_norm, offload=args.offload,
+        param_persistence_threshold=args.zero_param_persistence_threshold)
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # models loaded while it lives are sharded as they load
+    policy = load_model(args.model_path, dtype, args.attn_implementation, hf_ds_config)
+    if args.freeze_vision_tower:
+        policy.model.visual.requires_grad_(False)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.enable_input_require_grads()
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    warmup = max(args.warmup_steps * args.ppo_epochs, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
+    engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    ref_engine = None
+    if args.kl_coef > 0:
+        reference = load_model(args.model_path, dtype, args.attn_implementation, hf_ds_config)
+        ref_config = zero3_inference_config(world_size=world_size, bf16=bf16,
+                                            param_persistence_threshold=args.zero_param_persistence_threshold)
+        ref_engine = deepspeed.initialize(model=reference.eval(), config=ref_config)[0]
+    return engine, ref_engine
+
+
+def build_rollout(args, processor, dtype: torch.dtype, max_images: int, rank: int, plain_copy=None):
+    sampling = dict(max_new_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p)
+    if args.rollout_engine == "hf":
+        if torch.cuda.is_available():
+            plain_copy.to(f"cuda:{torch.cuda.current_device()}")
+        return HFRollout(plain_copy, processor, **sampling)
+    return VLLMRollout(
+        args.model_path, processor, **sampling, seed=args.seed + rank, dtype=str(dtype).removeprefix("torch."),
+        max_model_len=args.vllm_max_model_len or args.max_prompt_length + args.max_completion_length,
+        max_images=max_images, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        tensor_parallel_size=args.vllm_tensor_parallel_size, sleep_mode=args.vllm_sleep_mode)
+
+
+def update_policy(engine, ref_engine, processor, chats, images, completion_ids, advantages, args) -> dict:
+    """PPO epochs over the rollout in micro-batches. With one epoch the policy has not moved since
+    the rollout, so pi_old is the training engine's own (detached) log-probs of the same pass."""
+    n = args.num_generations
+    micro = [range(i, i + args.micro_batch_size) for i in range(0, len(completion_ids), args.micro_batch_size)]
+    batches = [completion_batch(processor, [chats[j // n] for j in mb], [images[j // n] for j in mb],
+                                [completion_ids[j] for j in mb]) for mb in micro]
+    with torch.no_grad():
+        ref_logps = [completion_logps(ref_engine, b, args.temperature)[0] if ref_engine else None for b in batches]
+        old_logps = [completion_logps(engine, b, args.temperature)[0] if args.ppo_epochs > 1 else None for b in batches]
+
+    metrics = []
+    for _ in range(args.ppo_epochs):
+        for mb, batch, ref, old in zip(micro, batches, ref_logps, old_logps):
+            logps, entropy = completion_logps(engine, batch, args.temperature, with_entropy=args.entropy_coef > 0)
+            loss, step_metrics = grpo_loss(
+                logps, logps.detach() if old is None else old, ref, advantages[list(mb)].to(logps.device),
+                batch["completion_mask"].to(logps.device), clip_eps=args.clip_eps, kl_coef=args.kl_coef,
+                entropy_coef=args.entropy_coef, entropy=entropy, loss_agg=args.loss_agg)
+            engine.backward(loss)
+            engine.step()
+            metrics.append({**step_metrics, "loss": loss.item()})
+    return {name: statistics.fmean(m[name] for m in metrics) for name in metrics[0]}
+
+
+def abort_if_trm_down(window: deque, calls: int, failures: int, args) -> None:
+    """Decided on numbers summed over all ranks, so every rank stops together (none left waiting)."""
+    window.append(sum_across_ranks(calls, failures))
+    total_calls, total_failures = (sum(c for c, _ in window), sum(f for _, f in window))
+    if total_calls and total_failures / total_calls > args.trm_max_failure_rate:
+        raise RunAborted(f"the thinking reward model at {args.trm_url} failed {int(total_failures)} of "
+                         f"{int(total_calls)} requests over the last {len(window)} steps "
+                         f"(--trm-max-failure-rate {args.trm_max_failure_rate}); is the server up?")
+
+
+@torch.no_grad()
+def validate(rollout, rows: list, rank: int, world_size: int, args) -> float:
+    from utils.rewards import outcome_reward
+
+    mine = rows[rank::world_size]
+    total = 0.0
+    for start in range(0, len(mine), 16):
+        batch = mine[start:start + 16]
+        images = [open_images(r) for r in batch]
+        chats = [policy_messages(r["prompt"], r["problem_type"], r["options"], len(i)) for r, i in zip(batch, images)]
+        texts = rollout.generate(chats, images, 1, greedy=True).texts
+        total += sum(outcome_reward(t, r["answer"], r["problem_type"]) for t, r in zip(texts, batch))
+    total, count = sum_across_ranks(total, len(mine))
+    return total / max(count, 1)
+
+
+@exit_on_input_error
+def main(argv=None):
+    # ---- arguments, distributed, data: every check before any model is loaded ----
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_args(args, world_size)
+    prepare_output_dir(args.output_dir)
+    train_rows = load_rows(args.data_path, args.registry)
+    eval_rows = load_rows(args.eval_data_path, args.registry)[: args.eval_max_samples] if args.eval_data_path else []
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=30))
+    rank = torch.distributed.get_rank()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if rank == 0:
+        write_run_info(args.output_dir, args)
+
+    # ---- engines: policy + reference under ZeRO-3, rollout engine, TRM client ----
+    dtype = resolve_dtype(args.dtype)
+    processor = load_processor(args.model_path, args.min_pixels, args.max_pixels)
+    # the hf engine's plain copy must load before HfDeepSpeedConfig exists, or it would be sharded too
+    plain_copy = load_model(args.model_path, dtype, args.attn_implementation) if args.rollout_engine == "hf" else None
+    engine, ref_engine = build_policy_engines(args, world_size, dtype)
+    max_images = max(len(r["images"]) for r in train_rows + eval_rows)
+    rollout = build_rollout(args, processor, dtype, max_images, rank, plain_copy)
+    trm = TRMClient(args.trm_url, args.trm_model, max_concurrency=args.trm_max_concurrency,
+                    timeout_s=args.trm_timeout, max_retries=args.trm_max_retries) if args.use_thinking_reward else None
+    start_step = load_checkpoint(engine, args.output_dir) if args.resume else 0
+    if start_step:
+        rollout.sync_weights(engine.module)
+    logger = MetricsLogger(args.output_dir, enabled=rank == 0, resume_step=start_step,
+                           wandb_project=args.wandb_project, run_config=vars(args))
+    trm_window = deque(maxlen=args.trm_failure_window)
+    n = args.num_generations
+
+    progress = tqdm(range(start_step + 1, args.max_steps + 1), initial=start_step, total=args.max_steps,
+                    desc="Trust-GRPO", disable=rank != 0)
+    for step in progress:
+        seed = seed_step(args.seed, step, rank)
+        rows = [train_rows[i] for i in prompts_for_step(len(train_rows), step, args.rollout_batch_size, rank,
+                                                          world_size, args.seed)]
+        images = [open_images(row) for row in rows]
+        chats = [policy_messages(r["prompt"], r["problem_type"], r["options"], len(i)) for r, i in zip(rows, images)]
+
+        # ---- 1. rollout: N completions per prompt ----
+        t0 = time.perf_counter()
+        completions = rollout.generate(chats, images, n, seed=seed)
+
+        # ---- 2. rewards: outcome R^o, thinking R^t, trust weight gamma, annealing ----
+        t1 = time.perf_counter()
+        outcome = outcome_rewards(completions.texts, rows, n, args.max_answer_chars)
+        thinking, trm_stats = [0.0] * len(outcome), None
+        if trm:
+            questions = [format_question(r["prompt"], r["problem_type"], r["options"]) for r in rows]
+            if args.reference_parity:  # the reference sends the decoded chat prompt as the question
+                questions = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                             for c in chats]
+            thinking, trm_stats = thinking_rewards(trm, questions, completions.texts, images, outcome, n,
+                                                   reference_parity=args.reference_parity)
+            abort_if_trm_down(trm_window, trm_stats.calls, trm_stats.failures, args)
+        rewards, gammas = final_rewards(outcome, thinking, n, step, alpha=args.alpha, horizon=args.anneal_horizon,
+                                        use_trust=args.use_trust, use_anneal=args.use_anneal)
+        advantages = group_advantages(torch.tensor(rewards), n)
+
+        # ---- 3. update: PPO-clip on token ratios, k3 KL to the reference, entropy bonus ----
+        t2 = time.perf_counter()
+        rollout.sleep()
+        update = update_policy(engine, ref_engine, processor, chats, images, completions.token_ids, advantages, args)
+        rollout.wake_up()
+
+        # ---- 4. weight sync: stream the new ZeRO-3 weights into the rollout engine ----
+        t3 = time.perf_counter()
+        rollout.sync_weights(engine.module)
+        t4 = time.perf_counter()
+
+        # ---- 5. log, validate, checkpoint ----
+        lengths = [len(ids) for ids in completions.token_ids]
+        grouped = torch.tensor(rewards).view(-1, n)
+        metrics = {
+            "reward": statistics.fmean(rewards),
+            "reward_std": grouped.std(dim=1).mean().item(),
+            "frac_reward_zero_std": (grouped.std(dim=1) == 0).float().mean().item(),
+            "reward/outcome": statistics.fmean(outcome),
+            "reward/thinking": statistics.fmean(thinking),
+            "trust/gamma_mean": statistics.fmean(gammas),
+            "trust/gamma_min": min(gammas),
+            "trust/frac_distrusted": sum(g < 1 for g in gammas) / len(gammas),
+            **update,
+            "completions/mean_length": statistics.fmean(lengths),
+            "completions/clipped_ratio": sum(x >= args.max_completion_length for x in lengths) / len(lengths),
+            "timing/rollout": t1 - t0, "timing/reward": t2 - t1, "timing/update": t3 - t2, "timing/sync": t4 - t3,
+            "step_time": t4 - t0,
+            "tokens_per_s": sum(lengths) / max(t1 - t0, 1e-9),
+            "lr": engine.get_lr()[0],
+        }
+        if trm_stats:
+            metrics.update({"trm/calls": trm_stats.calls, "trm/failures": trm_stats.failures,
+                            "trm/failed_groups": trm_stats.failed_groups,
+                            "trm/skipped_groups": trm_stats.skipped_groups,
+                            "trm/latency_s": statistics.fmean(trm_stats.latencies or [0.0])})
+        metrics = mean_across_ranks(metrics)
+        metrics["trust/gamma_min"] = min_across_ranks(min(gammas))
+        if eval_rows and args.eval_every and step % args.eval_every == 0:
+            metrics["eval/accuracy"] = validate(rollout, eval_rows, rank, world_size, args)
+        logger.log(step, metrics)
+        if rank == 0 and step % args.sample_every == 0:
+            sample = "\n\n".join(f"R^o={o:.2f} R^t={t:.2f} R={r:.2f}\n{text}" for o, t, r, text in
+                                 zip(outcome[:n], thinking[:n], rewards[:n], completions.texts[:n]))
+            logger.log_text(step, "samples", f"{chats[0][-1]['content'][-1]['text']}\n\n{sample}")
+        progress.set_postfix(reward=f"{metrics['reward']:.3f}", outcome=f"{metrics['reward/outcome']:.3f}")
+        if step % args.save_every == 0 or step == args.max_steps:
+            save_checkpoint(engine, args.output_dir, step)
+
+    # ---- save the final policy as an HF directory: step 3, transformers and vllm serve load it ----
+    save_hf_model(engine, processor, os.path.join(args.output_dir, "final"))
+    logger.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Rollout engines: sample N completions per prompt from the current policy.
+
+`vllm`: a vLLM engine colocated in each training rank (hybrid engine); after every optimizer step
+the ZeRO-3 weights are streamed into it. `hf`: the fallback for machines without vLLM; a plain
+(unsharded) copy of the policy refreshed from the ZeRO-3 shards, then transformers' generate
+(generating from the sharded model itself needs synced_gpus=True and is much slower).
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from utils.generation import build_vllm, hf_generate, vllm_generate, vllm_sampling_params
+
+
+@dataclass
+class Completions:
+    texts: list[str]  # len = num_prompts * N, the N samples of a prompt consecutive
+    token_ids: list[list[int]]
+    rollout_logps: list[list[float]] | None = None  # per-token log-probs reported by vLLM
+
+
+def gathered_weights(module, params_per_gather: int = 16):
+    """Yield (name, full tensor) for every parameter of a ZeRO-3 module, gathering only
+    `params_per_gather` parameters at a time, never the whole model. A generator, so a consumer
+    (vLLM's reload) pulls tensors lazily. Every rank must consume it to the end, in the same order:
+    each gather is a collective."""
+    import deepspeed
+
+    named = list(module.named_parameters())
+    for start in range(0, len(named), params_per_gather):
+        chunk = named[start:start + params_per_gather]
+        # one flat GatheredParameters per chunk: nesting them re-shards the outer ones early
+        with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None):
+            for name, param in chunk:
+                yield name, param.data.detach().clone()
+
+
+class HFRollout:
+    def __init__(self, plain_model, processor, *, max_new_tokens, temperature, top_p, params_per_gather=16):
+        self.model = plain_model.eval()
+        self.processor = processor
+        self.sampling = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)
+        self.params_per_gather = params_per_gather
+
+    def sync_weights(self, engine_module) -> float:
+        start = time.perf_counter()
+        own = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in gathered_weights(engine_module, self.params_per_gather):
+                own[name].copy_(tensor)
+        return time.perf_counter() - start
+
+    def sleep(self):  # vLLM frees its memory during the update; the plain copy stays
+        pass
+
+    def wake_up(self):
+        pass
+
+    def generate(self, chats: list, images: list, num_generations: int, seed: int | None = None,
+                 greedy: bool = False) -> Completions:
+        """`seed` is unused: transformers samples from torch's global RNG, which the trainer seeds."""
+        sampling = dict(self.sampling, do_sample=False) if greedy else self.sampling
+        texts, token_ids = hf_generate(self.model, self.processor, chats, images,
+                                       num_return_sequences=num_generations, **sampling)
+        return Completions(texts, token_ids)
+
+
+class VLLMRollout:
+    def __init__(self, model_path, processor, *, max_new_tokens, temperature, top_p, seed, max_model_len,
+                 max_images, dtype, gpu_memory_utilization, tensor_parallel_size, sleep_mode, params_per_gather=16):
+        self.llm = build_vllm(model_path, dtype=dtype, max_model_len=max_model_len, max_images=max_images,
+                              seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                              tensor_parallel_size=tensor_parallel_size, colocated=True,
+                              enable_sleep_mode=sleep_mode)
+        self.processor = processor
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.sleep_mode = sleep_mode
+        self.params_per_gather = params_per_gather
+
+    def sync_weights(self, engine_module) -> float:
+        """Stream the ZeRO-3 weights into vLLM with ONE reload_weights call (several calls in a row
+        each restart vLLM's layer-by-layer reload and silently leave wrong weights), then drop
+        every cache that may hold results of the old weights."""
+        start = time.perf_counter()
+        weights = gathered_weights(engine_module, self.params_per_gather)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - start
+
+    def sleep(self):
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self):
+        if self.sleep_mode:
+            self.llm.wake_up()
+
+    def generate(self, chats: list, images: list, num_generations: int, seed: int | None = None,
+                 greedy: bool = False) -> Completions:
+        temperature = 0.0 if greedy else self.temperature
+        params = vllm_sampling_params(self.processor, n=num_generations, temperature=temperature, top_p=self.top_p,
+                                          max_tokens=self.max_new_tokens, logprobs=0, seed=seed)
+        outputs = vllm_generate(self.llm, self.processor, chats, images, params)
+        samples = [sample for output in outputs for sample in output.outputs]
+        logps = [[next(iter(step.values())).logprob for step in s.logprobs] if s.logprobs else None for s in samples]
+        return Completions([s.text for s in samples], [list(s.token_ids) for s in samples],
+                           logps if all(lp is not None for lp in logps) else None)
