@@ -2,6 +2,7 @@
 import argparse
 
 from utils.cli import InputError
+from utils.trm_client import normalize_base_url
 
 VARIANTS = {  # the paper's Table 3, one switch each: (thinking reward, trust weight, annealing)
     "full": (True, True, True),
@@ -97,13 +98,16 @@ def parse_args(argv=None):
 def check_args(args, world_size: int) -> None:
     """Cross-flag checks, before any model is loaded."""
     positive = ["num_generations", "rollout_batch_size", "max_completion_length", "max_prompt_length", "max_steps",
-                "micro_batch_size", "ppo_epochs", "save_every", "trm_max_concurrency", "trm_failure_window",
-                "max_answer_chars"]
+                "micro_batch_size", "ppo_epochs", "save_every", "sample_every", "trm_max_concurrency",
+                "trm_failure_window", "trm_timeout", "max_answer_chars", "anneal_horizon",
+                "vllm_tensor_parallel_size"]
     for name in positive:
-        if getattr(args, name) <= 0:
+        if not getattr(args, name) > 0:  # "not > 0" also rejects nan
             raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.anneal_horizon <= 0:
-        raise InputError(f"--anneal-horizon must be > 0, got {args.anneal_horizon}")
+    if not args.alpha >= 0:
+        raise InputError(f"--alpha must be >= 0, got {args.alpha}")
+    if args.trm_max_retries < 0:
+        raise InputError(f"--trm-max-retries must be >= 0, got {args.trm_max_retries}")
     if args.rollout_batch_size % world_size:
         raise InputError(f"--rollout-batch-size {args.rollout_batch_size} must be divisible by the "
                          f"{world_size} ranks (each rank rolls out whole groups)")
@@ -113,10 +117,17 @@ def check_args(args, world_size: int) -> None:
                          f"divisible by --micro-batch-size {args.micro_batch_size}")
     if args.use_thinking_reward and not args.trm_url:
         raise InputError(f"--variant {args.variant} uses the thinking reward: give --trm-url (or --variant grpo)")
+    if args.use_thinking_reward:
+        try:
+            normalize_base_url(args.trm_url)
+        except InputError as err:
+            raise InputError(f"--trm-url: {err}") from None
     if not 0 <= args.trm_max_failure_rate <= 1:
         raise InputError(f"--trm-max-failure-rate must be in [0, 1], got {args.trm_max_failure_rate}")
-    if args.temperature <= 0:
+    if not args.temperature > 0:
         raise InputError("--temperature must be > 0: GRPO needs sampled, different completions")
+    if not 0 < args.top_p <= 1:
+        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.vllm_sleep_mode and args.rollout_engine != "vllm":
         raise InputError("--vllm-sleep-mode needs --rollout-engine vllm")
     if args.vllm_tensor_parallel_size > 1 and world_size % args.vllm_tensor_parallel_size:

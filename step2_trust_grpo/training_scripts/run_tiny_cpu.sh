@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Trust-GRPO on the tiny Qwen2.5-VL, 2 CPU processes, hf rollout engine, tiny hyperparameters
+# (shared/notes/tiny-demo.md: lr 1e-4, KL 0.05, 16 prompts x 8 samples, ~32 new tokens).
+# Usage: run_tiny_cpu.sh MODEL REGISTRY OUTPUT [TRM_URL] [extra flags]
+#   without TRM_URL (or with "none") it trains the GRPO baseline (no thinking reward).
+set -euo pipefail
+MODEL=${1:?policy model dir}
+REGISTRY=${2:?dataset_info.json}
+OUTPUT=${3:-outputs/tiny/step2}
+TRM_URL=${4:-none}
+shift $(( $# < 4 ? $# : 4 ))
+cd "$(dirname "$0")/../.."
+mkdir -p "$OUTPUT"
+PY=${PYTHON:-.venv/bin/python}
+if [ "$TRM_URL" = none ]; then REWARD=(--variant grpo); else REWARD=(--variant full --trm-url "$TRM_URL"); fi
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+"$(dirname "$PY")/deepspeed" --num_gpus 2 step2_trust_grpo/main.py \
+  --model-path "$MODEL" --registry "$REGISTRY" --data-path tiny_train --eval-data-path tiny_test \
+  --output-dir "$OUTPUT" --rollout-engine hf "${REWARD[@]}" \
+  --num-generations 8 --rollout-batch-size 16 --micro-batch-size 32 --max-completion-length 32 \
+  --max-prompt-length 512 --min-pixels 12544 --max-pixels 12544 --dtype float32 \
+  --learning-rate 1e-4 --kl-coef 0.05 --entropy-coef 0 --max-steps 60 --save-every 20 --eval-every 20 \
+  --eval-max-samples 200 --sample-every 10 "$@" &> "$OUTPUT/training.log"
