@@ -180,6 +180,8 @@ def main(argv=None):
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_args(args, world_size)
+    trm = TRMClient(args.trm_url, args.trm_model, max_concurrency=args.trm_max_concurrency,
+                    timeout_s=args.trm_timeout, max_retries=args.trm_max_retries) if args.use_thinking_reward else None
     prepare_output_dir(args.output_dir)
     train_rows = load_rows(args.data_path, args.registry)
     eval_rows = load_rows(args.eval_data_path, args.registry)[: args.eval_max_samples] if args.eval_data_path else []
@@ -199,8 +201,6 @@ def main(argv=None):
     engine, ref_engine = build_policy_engines(args, world_size, dtype)
     max_images = max(len(r["images"]) for r in train_rows + eval_rows)
     rollout = build_rollout(args, processor, dtype, max_images, rank, plain_copy)
-    trm = TRMClient(args.trm_url, args.trm_model, max_concurrency=args.trm_max_concurrency,
-                    timeout_s=args.trm_timeout, max_retries=args.trm_max_retries) if args.use_thinking_reward else None
     start_step = load_checkpoint(engine, args.output_dir) if args.resume else 0
     if start_step:
         rollout.sync_weights(engine.module)
