@@ -1,7 +1,10 @@
-"""Step 3: evaluate a policy on registry datasets with greedy decoding and rule-based scores.
+"""Step 3: evaluate a policy on registry datasets and VLMEvalKit benchmark TSVs with greedy decoding.
 
     python step3_eval/main.py --model-path M --data-path tiny_test --registry data/dataset_info.json --output-dir OUT
+    python step3_eval/main.py --model-path M --benchmark-tsv LMUData/MMBench_DEV_EN.tsv,LMUData/MME.tsv --output-dir OUT
     deepspeed --num_gpus 8 step3_eval/main.py ...   # rows sharded across ranks, merged in input order
+
+Scores are rule-based (utils.rewards); MME and ChartQA also get their official metric (step3_eval/metrics.py).
 
 Each rank holds a full copy of the model (evaluation needs no ZeRO sharding: a 7B model fits one
 GPU, and sharded generation would need synced_gpus, which is much slower).
@@ -9,6 +12,7 @@ GPU, and sharded generation would need synced_gpus, which is much slower).
 import argparse
 import json
 import os
+import re
 import sys
 from collections import defaultdict
 
@@ -17,8 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 from tqdm import tqdm
 
+from step3_eval.metrics import benchmark_summary, scores_csv
+from step3_eval.vlmeval_tsv import read_vlmeval_tsv, result_tsv
 from utils.cli import InputError, exit_on_input_error
-from utils.data import load_rows, open_images
+from utils.data import load_registry, load_rows, open_images
 from utils.prompts import policy_messages
 from utils.rewards import extract_answer, has_think_answer_format, outcome_reward
 from utils.outputs import prepare_output_dir, write_atomic, write_run_info
@@ -27,8 +33,14 @@ from utils.outputs import prepare_output_dir, write_atomic, write_run_info
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-path", required=True, help="HF model directory (e.g. step 2's final policy)")
-    parser.add_argument("--data-path", required=True, help="registry name(s), comma-separated: tiny_test,Chart")
-    parser.add_argument("--registry", required=True, help="dataset_info.json that registers the names")
+    parser.add_argument("--data-path", help="registry name(s), comma-separated: tiny_test,Chart")
+    parser.add_argument("--registry", help="dataset_info.json that registers the names (a .tsv file_path is read "
+                        "as a VLMEvalKit TSV)")
+    parser.add_argument("--benchmark-tsv", action="append", default=[],
+                        help="VLMEvalKit benchmark TSV(s), repeatable or comma-separated: MMBench_DEV_EN.tsv,MME.tsv")
+    parser.add_argument("--benchmark-name", action="append", default=[],
+                        help="name per --benchmark-tsv, in order (default: the file name without .tsv); "
+                        "MME and ChartQA* get their official metrics")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     parser.add_argument("--prompt-template", choices=["eval", "train"], default="eval",
@@ -51,6 +63,23 @@ def parse_args(argv=None):
             raise InputError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.max_samples is not None and args.max_samples <= 0:
         raise InputError(f"--max-samples must be positive, got {args.max_samples}")
+    args.benchmark_tsv = [os.path.expanduser(path.strip()) for value in args.benchmark_tsv
+                          for path in value.split(",") if path.strip()]
+    names = [name.strip() for value in args.benchmark_name for name in value.split(",") if name.strip()]
+    if names and len(names) != len(args.benchmark_tsv):
+        raise InputError(f"--benchmark-name gives {len(names)} names for {len(args.benchmark_tsv)} --benchmark-tsv files")
+    args.benchmark_name = names or [os.path.splitext(os.path.basename(path))[0] for path in args.benchmark_tsv]
+    args.data_names = [name.strip() for name in (args.data_path or "").split(",") if name.strip()]
+    if not args.data_names and not args.benchmark_tsv:
+        raise InputError("nothing to evaluate: give --data-path (with --registry) or --benchmark-tsv")
+    if args.data_names and not args.registry:
+        raise InputError("--data-path needs --registry")
+    for name in args.benchmark_name:
+        if not re.fullmatch(r"[\w.+-]+", name):  # it names the output file NAME_predictions.tsv
+            raise InputError(f"--benchmark-name {name!r}: use letters, digits and . _ + - only")
+    all_names = args.data_names + args.benchmark_name
+    if len(set(all_names)) != len(all_names):
+        raise InputError(f"dataset names repeat across --data-path and --benchmark-name: {', '.join(all_names)}")
     return args
 
 
@@ -66,6 +95,21 @@ def init_distributed() -> tuple[int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return rank, world_size
+
+
+def load_eval_rows(args) -> list:
+    """--data-path names in order (a registry entry whose file is a .tsv read as a VLMEvalKit TSV), then the TSVs."""
+    rows = []
+    registry = load_registry(args.registry) if args.data_names else {}
+    for name in args.data_names:
+        entry = registry.get(name)
+        if entry and entry["file_path"].lower().endswith(".tsv"):
+            rows += read_vlmeval_tsv(entry["file_path"], name, entry["image_base_path"])
+        else:
+            rows += load_rows(name, args.registry)
+    for path, name in zip(args.benchmark_tsv, args.benchmark_name):
+        rows += read_vlmeval_tsv(path, name)
+    return rows
 
 
 def build_generator(args, rank: int, max_images: int):
@@ -101,7 +145,7 @@ def evaluate_shard(rows: list, indices: list, generate, args, show_progress: boo
         images = [open_images(rows[i]) for i in batch]
         chats = [
             policy_messages(rows[i]["prompt"], rows[i]["problem_type"], rows[i]["options"], num_images=len(imgs),
-                            template=args.prompt_template)
+                            template=args.prompt_template, hint=rows[i].get("hint"))
             for i, imgs in zip(batch, images)
         ]
         for i, completion in zip(batch, generate(chats, images)):
@@ -146,8 +190,25 @@ def summarize(predictions: list) -> dict:
     }
 
 
+def report_benchmarks(rows: list, predictions: list, args) -> dict:
+    """Score each benchmark read from a TSV with its metric; write NAME_predictions.tsv and scores.csv beside."""
+    benchmarks = {}
+    for name in dict.fromkeys(row["dataset"] for row in rows if "source" in row):
+        picked = [k for k, row in enumerate(rows) if row["dataset"] == name]
+        bench_rows, bench_predictions = [rows[k] for k in picked], [predictions[k] for k in picked]
+        benchmarks[name], scores = benchmark_summary(name, bench_rows, bench_predictions, args.max_answer_chars)
+        write_atomic(os.path.join(args.output_dir, f"{name}_predictions.tsv"),
+                     result_tsv(bench_rows, bench_predictions, scores))
+    if benchmarks:
+        write_atomic(os.path.join(args.output_dir, "scores.csv"), scores_csv(benchmarks))
+    return benchmarks
+
+
 def print_table(summary: dict) -> None:
     print(f"{'group':<32}{'score':>8}{'count':>8}")
+    for name, entry in summary["benchmarks"].items():
+        shown = entry["score"] if entry["metric"].startswith("MME") else 100 * entry["score"]  # MME: out of 2800
+        print(f"{name:<32}{shown:>8.1f}{entry['count']:>8}  {entry['metric']}")
     for section in ("by_dataset", "by_problem_type"):
         for name, entry in summary[section].items():
             print(f"{name:<32}{100 * entry['score']:>8.1f}{entry['count']:>8}")
@@ -159,8 +220,8 @@ def print_table(summary: dict) -> None:
 def main(argv=None):
     args = parse_args(argv)
     rank, world_size = init_distributed()
-    # rows first: a bad registry or dataset name must not leave a half-made output directory behind
-    rows = load_rows(args.data_path, args.registry)[: args.max_samples]
+    # rows first: a bad registry, dataset name or TSV must not leave a half-made output directory behind
+    rows = load_eval_rows(args)[: args.max_samples]
     if rank == 0:
         prepare_output_dir(args.output_dir)
         write_run_info(args.output_dir, args)
@@ -171,8 +232,9 @@ def main(argv=None):
     if rank != 0:
         return
     summary = summarize(predictions)
-    summary.update(model_path=args.model_path, data_path=args.data_path, prompt_template=args.prompt_template,
-                   backend=args.backend)
+    summary["benchmarks"] = report_benchmarks(rows, predictions, args)
+    summary.update(model_path=args.model_path, data_path=args.data_path, benchmark_tsv=args.benchmark_tsv,
+                   prompt_template=args.prompt_template, backend=args.backend)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
     write_atomic(os.path.join(args.output_dir, "predictions.jsonl"), lines)
     write_atomic(os.path.join(args.output_dir, "summary.json"), json.dumps(summary, indent=2))

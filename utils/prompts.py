@@ -102,14 +102,16 @@ def _strip_option_label(option, letter):
     return option[match.end():] if match else option
 
 
-def format_eval_question(problem, options=None):
-    """VLMEvalKit's default multiple-choice prompt (as its Qwen2-VL wrapper builds it); the problem alone otherwise."""
+def format_eval_question(problem, options=None, hint=None):
+    """VLMEvalKit's default multiple-choice prompt (as its Qwen2-VL wrapper builds it): "Hint: ..." when a hint is
+    given, "Question: ...", then "Options:" with one "A. ..." line each; the (hinted) problem alone otherwise."""
+    hint_line = f"Hint: {hint}\n" if hint else ""
     if not options:
-        return problem
+        return hint_line + problem
     if len(options) > len(_LETTERS):
         raise InputError(f"{len(options)} options; at most {len(_LETTERS)} can be lettered")
     lines = [f"{letter}. {_strip_option_label(str(option), letter)}" for letter, option in zip(_LETTERS, options)]
-    return (f"Question: {problem}\nOptions:\n" + "\n".join(lines)
+    return (f"{hint_line}Question: {problem}\nOptions:\n" + "\n".join(lines)
             + "\nPlease select the correct answer from the options above.")
 
 
@@ -117,14 +119,16 @@ def _user_message(text, num_images):
     return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
 
 
-def policy_messages(problem, problem_type, options=None, num_images=0, system_prompt=None, template="train"):
+def policy_messages(problem, problem_type, options=None, num_images=0, system_prompt=None, template="train",
+                    hint=None):
     """Chat messages for the policy. template="train": the thinking template, system message only when given;
-    template="eval": EVAL_SYSTEM_PROMPT (or `system_prompt` when given) and VLMEvalKit-style options."""
+    template="eval": EVAL_SYSTEM_PROMPT (or `system_prompt` when given) and VLMEvalKit-style options.
+    A `hint` (VLMEvalKit TSVs' hint column) goes before the problem as "Hint: ...\n" in both templates."""
     if template == "train":
-        text = format_question(problem, problem_type, options)
+        text = format_question(f"Hint: {hint}\n{problem}" if hint else problem, problem_type, options)
     elif template == "eval":
         _check_problem_type(problem_type)
-        text = format_eval_question(problem, options)
+        text = format_eval_question(problem, options, hint)
         system_prompt = system_prompt or EVAL_SYSTEM_PROMPT
     else:
         raise InputError(f"unknown prompt template {template!r}; expected 'train' or 'eval'")
