@@ -78,8 +78,11 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--save-every", type=int, default=100, help="DeepSpeed checkpoint every K steps (and at the end)")
+    g.add_argument("--save-every", type=int, default=100,
+                   help="DeepSpeed checkpoint every K steps and at the end (0: none; the final HF model is always saved)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    g.add_argument("--dist-timeout-minutes", type=float, default=30.0,
+                   help="a collective waiting longer than this (e.g. for a dead rank) fails the run")
     g.add_argument("--eval-every", type=int, default=0, help="held-out validation every K steps (0: never)")
     g.add_argument("--eval-max-samples", type=int, default=256)
     g.add_argument("--sample-every", type=int, default=10, help="log sample completions every K steps")
@@ -98,12 +101,14 @@ def parse_args(argv=None):
 def check_args(args, world_size: int) -> None:
     """Cross-flag checks, before any model is loaded."""
     positive = ["num_generations", "rollout_batch_size", "max_completion_length", "max_prompt_length", "max_steps",
-                "micro_batch_size", "ppo_epochs", "save_every", "sample_every", "trm_max_concurrency",
+                "micro_batch_size", "ppo_epochs", "sample_every", "trm_max_concurrency",
                 "trm_failure_window", "trm_timeout", "max_answer_chars", "anneal_horizon",
-                "vllm_tensor_parallel_size"]
+                "vllm_tensor_parallel_size", "dist_timeout_minutes"]
     for name in positive:
         if not getattr(args, name) > 0:  # "not > 0" also rejects nan
             raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.save_every < 0:
+        raise InputError(f"--save-every must be >= 0 (0: no checkpoints), got {args.save_every}")
     if not args.alpha >= 0:
         raise InputError(f"--alpha must be >= 0, got {args.alpha}")
     if args.trm_max_retries < 0:

@@ -4,7 +4,10 @@ Resume needs no saved RNG state: every step re-seeds from (seed, step, rank), so
 same samples whether or not the run was interrupted before it. Data order is a function of the step.
 """
 import os
+import re
 import shutil
+import sys
+import time
 
 import torch
 
@@ -14,15 +17,35 @@ CHECKPOINTS = "checkpoints"
 
 
 def save_checkpoint(engine, output_dir: str, step: int, keep_last: int = 2) -> None:
-    """DeepSpeed writes the tag directory first and the `latest` pointer last, so a crash during a
-    save leaves `latest` on the previous, complete checkpoint."""
+    """Every rank writes its part of the tag directory; only then does rank 0 point `latest` at it, by an
+    atomic rename. A crash at any moment of a save leaves `latest` on the previous, complete checkpoint.
+    (DeepSpeed's own `latest` is written by rank 0 before the other ranks have finished, and in place.)"""
     root = os.path.join(output_dir, CHECKPOINTS)
-    engine.save_checkpoint(root, tag=f"step{step}", client_state={"step": step})
+    engine.save_checkpoint(root, tag=f"step{step}", client_state={"step": step}, save_latest=False)
     torch.distributed.barrier()
+    _pause_for_tests(step)
     if torch.distributed.get_rank() == 0:
-        tags = sorted((d for d in os.listdir(root) if d.startswith("step")), key=lambda d: int(d[4:]))
+        tmp = os.path.join(root, f"latest.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(f"step{step}")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(root, "latest"))
+        # only older tags are pruned: a newer one is a half-written leftover of a crashed run, redone later
+        tags = sorted((d for d in os.listdir(root) if re.fullmatch(r"step\d+", d) and int(d[4:]) <= step),
+                      key=lambda d: int(d[4:]))
         for old in tags[:-keep_last]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    torch.distributed.barrier()
+
+
+def _pause_for_tests(step: int) -> None:
+    """SOPHIAVL_PAUSE_IN_SAVE=<step>: stop between the tag directory and the `latest` pointer, so a test can
+    kill the run at that exact moment."""
+    if os.environ.get("SOPHIAVL_PAUSE_IN_SAVE") == str(step):
+        print(f"SOPHIAVL_PAUSE_IN_SAVE: rank {torch.distributed.get_rank()} paused in the save of step {step}",
+              file=sys.stderr, flush=True)
+        time.sleep(600)
 
 
 def load_checkpoint(engine, output_dir: str) -> int:

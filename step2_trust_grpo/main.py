@@ -16,7 +16,6 @@ from collections import deque
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import deepspeed
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -61,27 +60,34 @@ def prompts_for_step(num_rows: int, step: int, batch_size: int, rank: int, world
     return indices
 
 
+def collective_device() -> torch.device:
+    """NCCL reduces only GPU tensors; gloo (CPU runs) only CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def mean_across_ranks(metrics: dict) -> dict:
     names = sorted(metrics)
-    values = torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64)
+    values = torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(values)
     return {n: v / torch.distributed.get_world_size() for n, v in zip(names, values.tolist())}
 
 
 def sum_across_ranks(*numbers: float) -> list[float]:
-    values = torch.tensor(numbers, dtype=torch.float64)
+    values = torch.tensor(numbers, dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(values)
     return values.tolist()
 
 
 def min_across_ranks(number: float) -> float:
-    value = torch.tensor([number], dtype=torch.float64)
+    value = torch.tensor([number], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
     return value.item()
 
 
 def build_policy_engines(args, world_size: int, dtype: torch.dtype):
     """The trained policy and (when the KL term is on) the frozen reference, both ZeRO-3 sharded."""
+    import deepspeed
+
     bf16 = dtype == torch.bfloat16
     samples_per_rank = args.rollout_batch_size // world_size * args.num_generations
     ds_config = zero3_train_config(
@@ -185,8 +191,11 @@ def main(argv=None):
     prepare_output_dir(args.output_dir)
     train_rows = load_rows(args.data_path, args.registry)
     eval_rows = load_rows(args.eval_data_path, args.registry)[: args.eval_max_samples] if args.eval_data_path else []
+    import deepspeed  # only now: bad input above gets its one error line without DeepSpeed's import-time log
+
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=30))
+    # bounded: a rank whose peer died raises instead of waiting in a collective forever
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=args.dist_timeout_minutes))
     rank = torch.distributed.get_rank()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -284,7 +293,7 @@ def main(argv=None):
                                  zip(outcome[:n], thinking[:n], rewards[:n], completions.texts[:n]))
             logger.log_text(step, "samples", f"{chats[0][-1]['content'][-1]['text']}\n\n{sample}")
         progress.set_postfix(reward=f"{metrics['reward']:.3f}", outcome=f"{metrics['reward/outcome']:.3f}")
-        if step % args.save_every == 0 or step == args.max_steps:
+        if args.save_every and (step % args.save_every == 0 or step == args.max_steps):
             save_checkpoint(engine, args.output_dir, step)
 
     # ---- save the final policy as an HF directory: step 3, transformers and vllm serve load it ----

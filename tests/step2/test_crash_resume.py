@@ -1,0 +1,171 @@
+"""Crash and resume of a 2-rank step-2 run: `kill -9` of one rank mid-run, and a kill in the middle of a
+checkpoint save. No wait is unbounded; every test kills what it started, whatever happens."""
+import os
+import re
+import signal
+import subprocess
+import time
+from unittest import mock
+
+import psutil
+import pytest
+
+from tests.step2 import test_train
+from tests.step2.test_train import check_ok, metrics, run_step2, without_timings
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+FLAGS = ("--rollout-engine", "hf", "--variant", "grpo", "--save-every", "1")
+
+
+def start_step2(tiny_assets, output_dir, log_path, *flags, env=None):
+    """Start, without waiting, the same 2-rank command run_step2 runs; its output goes to log_path."""
+    started = []
+
+    def popen(command, cwd, env: dict, **_):
+        with open(log_path, "w") as log:
+            started.append(subprocess.Popen(command, cwd=cwd, env={**env, **extra_env}, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True))
+
+    extra_env = env or {}
+    with mock.patch.object(test_train.subprocess, "run", popen):
+        run_step2(tiny_assets, output_dir, *flags)
+    return started[0]
+
+
+def kill_group(process):
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+def wait_for(condition, process, what, timeout_s=300):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"the run ended (exit {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
+        time.sleep(0.05)
+
+
+def latest_tag(output_dir):
+    try:
+        with open(output_dir / "checkpoints" / "latest") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def rank_processes(launcher) -> dict:
+    """{rank: psutil.Process} of the launcher's training processes (the launcher passes --local_rank=R)."""
+    ranks = {}
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            command = child.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        for arg in command:
+            if arg.startswith("--local_rank=") and any(a.endswith("step2_trust_grpo/main.py") for a in command):
+                ranks[int(arg.split("=")[1])] = child
+    return ranks
+
+
+def assert_everything_died_quickly(launcher, ranks, bound_s=90):
+    """A dead rank must not leave the launcher or the other rank waiting (they would otherwise sit in a
+    collective until the distributed timeout)."""
+    start = time.monotonic()
+    returncode = launcher.wait(timeout=bound_s)
+    _, alive = psutil.wait_procs(list(ranks.values()), timeout=max(1.0, bound_s - (time.monotonic() - start)))
+    assert returncode != 0
+    assert not alive, f"ranks still running: {[p.pid for p in alive]}"
+    return time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_assets, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    check_ok(run_step2(tiny_assets, output_dir, *FLAGS, "--max-steps", "4"))
+    return [without_timings(row) for row in metrics(output_dir)]
+
+
+def test_kill_9_of_one_rank_stops_the_run_and_resume_repeats_the_next_steps_exactly(tiny_assets, tmp_path,
+                                                                                    uninterrupted):
+    output_dir = tmp_path / "run"
+    launcher = start_step2(tiny_assets, output_dir, tmp_path / "crash.log", *FLAGS, "--max-steps", "4")
+    try:
+        wait_for(lambda: latest_tag(output_dir) == "step2", launcher, "checkpoint step2")
+        ranks = rank_processes(launcher)
+        assert sorted(ranks) == [0, 1], ranks
+        ranks[1].send_signal(signal.SIGKILL)
+        elapsed = assert_everything_died_quickly(launcher, ranks)
+    finally:
+        kill_group(launcher)
+    print(f"launcher and rank 0 gone {elapsed:.1f} s after the kill of rank 1")
+
+    resume_step = int(latest_tag(output_dir)[4:])
+    assert resume_step in (2, 3), resume_step  # the kill lands in step 3 (at worst just after its save)
+    logged_before = metrics(output_dir)[:resume_step]
+    assert not os.path.exists(output_dir / "final")
+
+    check_ok(run_step2(tiny_assets, output_dir, *FLAGS, "--max-steps", "4", "--resume"))
+    rows = metrics(output_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    # steps up to the checkpoint are the crashed run's own rows, timings included: they were not redone
+    assert rows[:resume_step] == logged_before
+    assert [without_timings(row) for row in rows] == uninterrupted
+    assert latest_tag(output_dir) == "step4" and os.path.isdir(output_dir / "final")
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_to_resume_from(tiny_assets, tmp_path,
+                                                                                      uninterrupted):
+    output_dir = tmp_path / "run"
+    log = tmp_path / "crash.log"
+    launcher = start_step2(tiny_assets, output_dir, log, *FLAGS, "--max-steps", "4",
+                           env={"SOPHIAVL_PAUSE_IN_SAVE": "2"})
+    try:
+        wait_for(lambda: "SOPHIAVL_PAUSE_IN_SAVE: rank 0 paused in the save of step 2" in log.read_text(),
+                 launcher, "the pause in the save of step 2")
+        ranks = rank_processes(launcher)
+        # DeepSpeed has written step 2's files; `latest` must still name step 1
+        assert latest_tag(output_dir) == "step1" and os.listdir(output_dir / "checkpoints" / "step2")
+        ranks[0].send_signal(signal.SIGKILL)
+        assert_everything_died_quickly(launcher, ranks)
+    finally:
+        kill_group(launcher)
+
+    # make the interrupted save half-written for certain: a resume must not read it at all
+    step2_dir = output_dir / "checkpoints" / "step2"
+    for name in os.listdir(step2_dir):
+        path = step2_dir / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert latest_tag(output_dir) == "step1"
+    logged_before = metrics(output_dir)[:1]
+
+    check_ok(run_step2(tiny_assets, output_dir, *FLAGS, "--max-steps", "4", "--resume"))
+    rows = metrics(output_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert rows[:1] == logged_before  # resumed from step 1's checkpoint, not from scratch
+    assert [without_timings(row) for row in rows] == uninterrupted
+    assert latest_tag(output_dir) == "step4"
+    assert sorted(os.listdir(output_dir / "checkpoints")) == ["latest", "step3", "step4", "zero_to_fp32.py",
+                                                              "zero_to_torch.py"]
+
+
+def test_a_rank_that_stops_answering_fails_the_run_after_the_distributed_timeout(tiny_assets, tmp_path):
+    """SIGSTOP, unlike a kill, closes no socket: the other rank learns nothing and waits in its next collective.
+    Only the distributed timeout (--dist-timeout-minutes) ends that wait; the default is 30 minutes."""
+    output_dir = tmp_path / "run"
+    log = tmp_path / "run.log"
+    launcher = start_step2(tiny_assets, output_dir, log, *FLAGS, "--max-steps", "50", "--dist-timeout-minutes", "0.5")
+    try:
+        wait_for(lambda: latest_tag(output_dir) == "step1", launcher, "checkpoint step1")
+        ranks = rank_processes(launcher)
+        ranks[1].send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        ranks[0].wait(timeout=150)
+        elapsed = time.monotonic() - stopped_at
+    finally:  # the launcher would SIGKILL the stopped rank only 30 s after its SIGTERM: no need to wait for that
+        kill_group(launcher)
+    print(f"rank 0 failed {elapsed:.1f} s after rank 1 stopped")
+    # it was the 30 s timeout that ended it (gloo: "Timed out waiting 30000ms", NCCL: "Timeout(ms)=30000")
+    assert elapsed >= 30 and re.search(r"\[rank0\]:.*30000", log.read_text())
