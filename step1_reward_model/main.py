@@ -1,0 +1,353 @@
+"""Step 1: SFT of a Qwen2.5-VL as a generative thinking reward model (TRM) under DeepSpeed ZeRO-3.
+
+    deepspeed --num_gpus 8 step1_reward_model/main.py --model-path Qwen/Qwen2.5-VL-3B-Instruct \
+        --train-data trm_train.jsonl --output-dir outputs/trm
+
+Each example: the TRM chat (utils.prompts.trm_messages: image parts, the TRM prompt with question and
+response), then the assistant turn `<answer>0.7</answer>`; the loss covers exactly that turn and its
+<|im_end|>. Periodic evaluation: loss and the MAE of greedily generated scores on held-out questions.
+The final judge lands in OUTPUT/final as an HF directory (model + processor) for `vllm serve`.
+"""
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers.integrations import HfDeepSpeedConfig
+
+from step1_reward_model.data import IGNORE_INDEX, make_batch, read_trm_rows, split_by_question
+from utils.cli import InputError, exit_on_input_error
+from utils.data import open_images
+from utils.ds_config import zero3_train_config
+from utils.generation import hf_generate
+from utils.metrics_log import MetricsLogger
+from utils.model import load_model, load_processor, resolve_dtype
+from utils.outputs import prepare_output_dir, write_atomic, write_run_info
+from utils.prompts import trm_messages
+from utils.rewards import parse_score
+
+CHECKPOINTS = "checkpoints"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Step 1: SFT of a Qwen2.5-VL thinking reward model under ZeRO-3.")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model-path", required=True, help="HF directory or hub name of the initial model")
+    g.add_argument("--train-data", required=True, help="labelled JSONL (annotate.py / balance.py output)")
+    g.add_argument("--image-base", default=None, help="folder of relative image paths (default: each JSONL's folder)")
+    g.add_argument("--eval-data", default=None, help="held-out labelled JSONL (default: split off --train-data)")
+    g.add_argument("--eval-split-fraction", type=float, default=0.02,
+                   help="fraction of the questions held out of --train-data when no --eval-data is given")
+    g.add_argument("--output-dir", required=True)
+    g.add_argument("--min-pixels", type=int, default=3136)
+    g.add_argument("--max-pixels", type=int, default=1003520)
+    g.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    g.add_argument("--attn-implementation", default="sdpa", help="flash_attention_2 on GPUs")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--freeze-vision-tower", action="store_true")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=2)
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (the schedule still spans --epochs)")
+    g.add_argument("--learning-rate", type=float, default=1e-5)
+    g.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of the steps with linear warm-up")
+    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decays to learning-rate x this")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass, per rank")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--offload", action="store_true", help="ZeRO-3 offload of parameters and optimizer to CPU")
+    g.add_argument("--zero-param-persistence-threshold", type=int, default=10_000, help="0 shards every parameter (tests)")
+    g.add_argument("--seed", type=int, default=42)
+
+    g = p.add_argument_group("evaluation, logging and checkpoints")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every K steps (and always at the end)")
+    g.add_argument("--eval-max-samples", type=int, default=256, help="held-out rows used per evaluation")
+    g.add_argument("--eval-batch-size", type=int, default=8, help="per rank")
+    g.add_argument("--eval-max-new-tokens", type=int, default=16)
+    g.add_argument("--save-every", type=int, default=500, help="DeepSpeed checkpoint every K steps")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    g.add_argument("--wandb-project", default=None, help="also log to Weights & Biases")
+    g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    positive = ["epochs", "learning_rate", "micro_batch_size", "gradient_accumulation_steps", "eval_max_samples",
+                "eval_batch_size", "eval_max_new_tokens", "save_every"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise InputError(f"--max-steps must be > 0, got {args.max_steps}")
+    if args.eval_every < 0:
+        raise InputError(f"--eval-every must be >= 0, got {args.eval_every}")
+    if not 0 <= args.eval_split_fraction < 1:
+        raise InputError(f"--eval-split-fraction must be in [0, 1), got {args.eval_split_fraction}")
+    if not 0 <= args.warmup_ratio < 1 or not 0 <= args.min_lr_ratio <= 1:
+        raise InputError("--warmup-ratio must be in [0, 1) and --min-lr-ratio in [0, 1]")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to `min_ratio`. `step` counts finished optimizer steps (0 first)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(1, total_steps - warmup_steps), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_rows: int, seed: int) -> tuple:
+    order = list(range(num_rows))
+    random.Random(seed).shuffle(order)
+    return tuple(order)
+
+
+def step_indices(num_rows: int, step: int, steps_per_epoch: int, global_batch: int, seed: int) -> list[int]:
+    """The rows of optimizer step `step` (1-based): a seeded permutation per epoch, a function of the step
+    alone, so a resumed run needs no sampler state."""
+    epoch, offset = divmod(step - 1, steps_per_epoch)
+    return list(_epoch_order(num_rows, seed + epoch)[offset * global_batch:(offset + 1) * global_batch])
+
+
+class VisionKeepalive:
+    """Runs the vision tower on one dummy patch grid when a training micro-batch has no image, added as
+    0 x output to the token embeddings. Under ZeRO-3 every module's forward and backward gather and
+    reduce its parameters collectively: a rank whose batch has no image would skip the tower's
+    collectives while a rank with images waits in them (a hang). A hook on the embeddings runs the
+    tower where the model itself would (right after embedding the tokens), so every rank issues the
+    collectives in the same order."""
+
+    def __init__(self, model):
+        self.model = model
+        self.active = False
+        model.get_input_embeddings().register_forward_hook(self._after_embeddings)
+
+    def _after_embeddings(self, module, inputs, embeddings):
+        if not self.active:
+            return None
+        visual = self.model.model.visual
+        cfg = visual.config
+        grid = torch.tensor([[1, cfg.spatial_merge_size, cfg.spatial_merge_size]], device=embeddings.device)
+        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        pixels = torch.zeros(int(grid.prod()), patch_dim, dtype=visual.dtype, device=embeddings.device)
+        out = visual(pixels, grid_thw=grid)
+        hidden = out.pooler_output if hasattr(out, "pooler_output") else out
+        return embeddings + (0.0 * hidden.float().sum()).to(embeddings.dtype)
+
+
+def target_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed cross-entropy over the target tokens, and their count. The batch is left-padded,
+    so the targets sit in the last `target_width` positions: only those logits are computed."""
+    width = batch["target_width"]
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "target_width")}
+    logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()
+    labels = batch["labels"][:, -width:].to(device)
+    losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    mask = labels != IGNORE_INDEX
+    return (losses * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def all_reduce_sum(*numbers: float) -> list[float]:
+    # NCCL reduces only GPU tensors, gloo (CPU runs) only CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    values = torch.tensor(numbers, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values)
+    return values.tolist()
+
+
+def aligned_eval_batches(rows: list[dict], batch_size: int, rank: int, world_size: int):
+    """(rows, weights) batches for this rank: image rows first, then text-only rows, each group padded
+    (weight 0) to whole rounds, so every rank runs the same number of forwards and, in each, all or
+    none of the ranks use the vision tower (ZeRO-3 collectives stay matched without a keep-alive)."""
+    for group in ([r for r in rows if r["images"]], [r for r in rows if not r["images"]]):
+        if not group:
+            continue
+        per_round = batch_size * world_size
+        padded = math.ceil(len(group) / per_round) * per_round
+        weights = [1.0] * len(group) + [0.0] * (padded - len(group))
+        group = group + [group[0]] * (padded - len(group))
+        for start in range(rank * batch_size, padded, per_round):
+            yield group[start:start + batch_size], weights[start:start + batch_size]
+
+
+@torch.no_grad()
+def evaluate_judge(model, processor, rows: list[dict], args, rank: int, world_size: int) -> dict:
+    """Held-out loss on the target span, and the MAE of the greedily generated score (parse failures
+    counted apart, not scored), summed over all ranks."""
+    model.eval()
+    totals = dict.fromkeys(["loss", "tokens", "abs_error", "parsed", "rows"], 0.0)
+    for batch_rows, weights in aligned_eval_batches(rows, args.eval_batch_size, rank, world_size):
+        images = [open_images(row) for row in batch_rows]
+        loss_sums, token_counts = target_losses(model, make_batch(processor, batch_rows, images))
+        chats = [trm_messages(r["question"], r["response"], len(i)) for r, i in zip(batch_rows, images)]
+        texts, _ = hf_generate(model, processor, chats, images, max_new_tokens=args.eval_max_new_tokens)
+        for row, weight, loss, tokens, text in zip(batch_rows, weights, loss_sums.tolist(), token_counts.tolist(), texts):
+            score = parse_score(text)
+            totals["loss"] += weight * loss
+            totals["tokens"] += weight * tokens
+            totals["rows"] += weight
+            if score is not None:
+                totals["parsed"] += weight
+                totals["abs_error"] += weight * abs(score - row["score"])
+    model.train()
+    loss, tokens, abs_error, parsed, count = all_reduce_sum(*totals.values())
+    return {"eval/loss": loss / max(tokens, 1), "eval/score_mae": abs_error / parsed if parsed else float("nan"),
+            "eval/parse_failure_rate": 1 - parsed / max(count, 1)}
+
+
+def save_checkpoint(engine, output_dir: str, step: int, keep_last: int = 2) -> None:
+    """DeepSpeed writes the tag directory first and `latest` last: a crash mid-save keeps the previous one."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    engine.save_checkpoint(root, tag=f"step{step}", client_state={"step": step})
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        tags = sorted((d for d in os.listdir(root) if d.startswith("step")), key=lambda d: int(d[4:]))
+        for old in tags[:-keep_last]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def load_checkpoint(engine, output_dir: str) -> int:
+    """Model, optimizer and scheduler from the latest checkpoint; its step, or 0 when there is none."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    if not os.path.exists(os.path.join(root, "latest")):
+        return 0
+    _, client_state = engine.load_checkpoint(root)
+    return int(client_state["step"])
+
+
+def save_hf_model(engine, processor, path: str, params_per_gather: int = 16) -> None:
+    """Gather the ZeRO-3 weights a few at a time into rank 0's CPU memory and save model + processor as an
+    HF directory (transformers and `vllm serve` load it). Written aside and renamed: never half a model."""
+    rank = torch.distributed.get_rank()
+    named = list(engine.module.named_parameters())
+    state = {}
+    for start in range(0, len(named), params_per_gather):
+        chunk = named[start:start + params_per_gather]
+        with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None):
+            if rank == 0:
+                state.update((name, param.data.detach().cpu().clone()) for name, param in chunk)
+    if rank == 0:
+        tmp = f"{path}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    torch.distributed.barrier()
+
+
+@exit_on_input_error
+def main(argv=None):
+    # ---- arguments, data, distributed: every check before any model is loaded ----
+    args = parse_args(argv)
+    check_args(args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    prepare_output_dir(args.output_dir)
+    train_rows = read_trm_rows(args.train_data, args.image_base)
+    if args.eval_data:
+        eval_rows = read_trm_rows(args.eval_data, args.image_base)
+    else:
+        train_rows, eval_rows = split_by_question(train_rows, args.eval_split_fraction, args.seed)
+    eval_rows = eval_rows[:args.eval_max_samples]
+    global_batch = args.micro_batch_size * args.gradient_accumulation_steps * world_size
+    steps_per_epoch = len(train_rows) // global_batch
+    if steps_per_epoch == 0:
+        raise InputError(f"--train-data {args.train_data}: {len(train_rows)} training rows are fewer than one batch "
+                         f"of {global_batch} (micro-batch x accumulation x {world_size} ranks)")
+    total_steps = args.epochs * steps_per_epoch
+    last_step = min(total_steps, args.max_steps or total_steps)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=30))
+    rank = torch.distributed.get_rank()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if rank == 0:
+        write_run_info(args.output_dir, args)
+    torch.manual_seed(args.seed)
+
+    # ---- model under ZeRO-3, optimizer, warm-up + cosine schedule ----
+    dtype = resolve_dtype(args.dtype)
+    processor = load_processor(args.model_path, args.min_pixels, args.max_pixels)
+    ds_config = zero3_train_config(
+        micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        world_size=world_size, bf16=dtype == torch.bfloat16, gradient_clipping=args.max_grad_norm,
+        offload=args.offload, param_persistence_threshold=args.zero_param_persistence_threshold)
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # models loaded while it lives are sharded as they load
+    model = load_model(args.model_path, dtype, args.attn_implementation, hf_ds_config)
+    if args.freeze_vision_tower:
+        model.model.visual.requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
+    warmup_steps = round(args.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, args.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    keepalive = VisionKeepalive(engine.module)
+    start_step = load_checkpoint(engine, args.output_dir) if args.resume else 0
+    logger = MetricsLogger(args.output_dir, enabled=rank == 0, resume_step=start_step,
+                           wandb_project=args.wandb_project, run_config=vars(args))
+    if rank == 0:
+        print(f"{len(train_rows)} training rows, {len(eval_rows)} held out; {steps_per_epoch} steps per epoch of "
+              f"{global_batch} rows, {total_steps} steps in all, {warmup_steps} warm-up; from step {start_step + 1}")
+
+    # ---- training loop ----
+    engine.train()
+    eval_metrics = {}
+    progress = tqdm(range(start_step + 1, last_step + 1), initial=start_step, total=last_step, desc="TRM SFT",
+                    disable=rank != 0)
+    for step in progress:
+        t0 = time.perf_counter()
+        rows = [train_rows[i] for i in step_indices(len(train_rows), step, steps_per_epoch, global_batch, args.seed)]
+        losses = []
+        for micro in range(args.gradient_accumulation_steps):
+            start = (micro * world_size + rank) * args.micro_batch_size
+            batch = make_batch(processor, rows[start:start + args.micro_batch_size])
+            keepalive.active = "pixel_values" not in batch
+            loss_sums, token_counts = target_losses(engine, batch)
+            keepalive.active = False
+            loss = loss_sums.sum() / token_counts.sum()
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        loss_sum, count = all_reduce_sum(sum(losses), len(losses))
+        step_time = time.perf_counter() - t0
+        metrics = {"loss": loss_sum / count, "lr": engine.get_lr()[0], "epoch": (step - 1) / steps_per_epoch,
+                   "step_time": step_time, "samples_per_s": global_batch / step_time}
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if eval_rows and ((args.eval_every and step % args.eval_every == 0) or step == last_step):
+            eval_metrics = evaluate_judge(engine.module, processor, eval_rows, args, rank, world_size)
+            metrics.update(eval_metrics)
+        logger.log(step, metrics)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        if step % args.save_every == 0:
+            save_checkpoint(engine, args.output_dir, step)
+
+    # ---- the judge as an HF directory: transformers, evaluate.py and vllm serve load it ----
+    save_hf_model(engine, processor, os.path.join(args.output_dir, "final"))
+    if rank == 0 and eval_metrics:
+        write_atomic(os.path.join(args.output_dir, "eval.json"), json.dumps(eval_metrics, indent=2) + "\n")
+        print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+    logger.close()
+
+
+if __name__ == "__main__":
+    main()

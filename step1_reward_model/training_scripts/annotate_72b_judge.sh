@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Label GRPO rollouts with Qwen2.5-VL-72B-Instruct as the judge (the paper's annotator), served by vLLM on
+# 8 GPUs, then filter and balance the labels for TRM training (paper: 5k-15k rows per score interval).
+# Usage: annotate_72b_judge.sh ROLLOUTS_JSONL [OUTPUT] [JUDGE_MODEL]
+#   ROLLOUTS_JSONL rows: question, response, images (paths relative to the file). Rerunning resumes.
+set -euo pipefail
+ROLLOUTS=${1:?rollouts JSONL (question, response, images)}
+OUTPUT=${2:-outputs/trm_labels}
+JUDGE=${3:-Qwen/Qwen2.5-VL-72B-Instruct}
+PORT=${PORT:-8100}
+READY_TIMEOUT=${READY_TIMEOUT:-1800}
+mkdir -p "$OUTPUT"
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+
+vllm serve "$JUDGE" --served-model-name judge --port "$PORT" --tensor-parallel-size 8 \
+  --max-model-len 8192 --limit-mm-per-prompt '{"image":2,"video":0}' --max-num-seqs 128 \
+  &> "$OUTPUT/judge_server.log" &
+SERVER=$!
+trap 'kill -TERM "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true' EXIT INT TERM
+
+# Loading 72B weights takes minutes: poll /v1/models, give up after READY_TIMEOUT seconds.
+for ((waited = 0; ; waited += 5)); do
+  curl -sf "http://127.0.0.1:$PORT/v1/models" > /dev/null && break
+  kill -0 "$SERVER" 2>/dev/null || { echo "judge server died, see $OUTPUT/judge_server.log" >&2; exit 1; }
+  (( waited < READY_TIMEOUT )) || { echo "judge server not ready after ${READY_TIMEOUT}s" >&2; exit 1; }
+  sleep 5
+done
+
+python "$REPO/step1_reward_model/annotate.py" --input "$ROLLOUTS" --output "$OUTPUT/labels.jsonl" \
+  --judge-url "http://127.0.0.1:$PORT/v1" --judge-model judge --max-concurrency 64 --timeout 300 \
+  2>&1 | tee "$OUTPUT/annotate.log"
+python "$REPO/step1_reward_model/balance.py" --input "$OUTPUT/labels.jsonl" --output "$OUTPUT/trm_train.jsonl" \
+  --cap 15000 --min 5000 | tee "$OUTPUT/balance.log"

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Step 1 end to end on CPU with the tiny Qwen2.5-VL: synthetic reasoning traces of known quality ->
+# filtered, balanced labels -> ZeRO-3 SFT on 2 processes -> judge evaluation on held-out traces.
+# Usage: train_tiny_cpu.sh [OUTPUT] [ASSETS] [extra main.py flags]
+#   ASSETS: a demo/build_tiny_assets.py folder (built with the defaults when missing). The judge lands in OUTPUT/final.
+set -euo pipefail
+OUTPUT=${1:-outputs/tiny/step1}
+ASSETS=${2:-outputs/tiny/assets}
+shift $(( $# < 2 ? $# : 2 ))
+mkdir -p "$OUTPUT" "$ASSETS"
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+PY=${PYTHON:-$REPO/.venv/bin/python}
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+REGISTRY="$ASSETS/data/dataset_info.json"
+
+[[ -f "$REGISTRY" ]] || "$PY" "$REPO/demo/build_tiny_assets.py" --out "$ASSETS"  # keep assets built with other sizes
+"$PY" "$REPO/demo/trm_traces.py" --registry "$REGISTRY" --data-path tiny_train --max-rows 300 --output "$OUTPUT/traces_train.jsonl"
+"$PY" "$REPO/demo/trm_traces.py" --registry "$REGISTRY" --data-path tiny_test --max-rows 40 --output "$OUTPUT/traces_test.jsonl"
+"$PY" "$REPO/step1_reward_model/balance.py" --input "$OUTPUT/traces_train.jsonl" --output "$OUTPUT/trm_train.jsonl" --cap 150
+
+"$(dirname "$PY")/deepspeed" --master_port "${MASTER_PORT:-29500}" --num_gpus 2 "$REPO/step1_reward_model/main.py" \
+  --model-path "$ASSETS/model" --train-data "$OUTPUT/trm_train.jsonl" --eval-data "$OUTPUT/traces_test.jsonl" \
+  --output-dir "$OUTPUT" --epochs 2 --learning-rate 3e-3 --warmup-ratio 0.05 --min-lr-ratio 0.1 \
+  --micro-batch-size 8 --gradient-accumulation-steps 1 --dtype float32 \
+  --eval-every 50 --eval-max-samples 100 --save-every 100 --zero-param-persistence-threshold 0 "$@" \
+  &> "$OUTPUT/training.log"
+
+"$PY" "$REPO/step1_reward_model/evaluate.py" --data "$OUTPUT/traces_test.jsonl" --model-path "$OUTPUT/final" \
+  --output-dir "$OUTPUT/eval" --dtype float32 | tee "$OUTPUT/eval.log"
