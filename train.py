@@ -97,7 +97,10 @@ class Pipeline:
         log_path = self.path(f"{stage}.log")
         print(f"[{stage}] running, log: {log_path}", flush=True)
         start = time.perf_counter()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHON": PYTHON}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHON": PYTHON,
+               "MASTER_PORT": str(free_port())}
+        if self.args.deployment_type == "single_gpu":
+            env["NUM_GPUS"] = "1"
         with open(log_path, "w") as log:
             code = subprocess.call(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.seconds[stage] = round(time.perf_counter() - start, 1)

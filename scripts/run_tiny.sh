@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Set up .venv (idempotent) and run the tiny CPU pipeline: build the tiny Qwen2.5-VL and the
-# synthetic tasks, then evaluate it with step 3. Outputs go to ${OUTPUT:-outputs/tiny}.
+# Set up .venv (idempotent) and run the whole tiny pipeline on CPU: tiny Qwen2.5-VL and synthetic
+# tasks, warm start, step 1 (TRM), step 2 (Trust-GRPO with the TRM served by vLLM), step 3 before and
+# after. Outputs (summary.json, report.md, each stage's log) go to outputs/tiny-<time>/ unless
+# --output-dir is given; extra arguments go to train.py (see python train.py --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-OUTPUT=${OUTPUT:-outputs/tiny}
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-.venv/bin/python demo/build_tiny_assets.py --out "$OUTPUT/assets"
-bash step3_eval/training_scripts/run_tiny_cpu.sh "$OUTPUT/assets/model" "$OUTPUT/assets/data/dataset_info.json" "$OUTPUT/step3"
+exec .venv/bin/python train.py --deployment-type tiny "$@"

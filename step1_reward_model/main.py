@@ -9,19 +9,14 @@ response), then the assistant turn `<answer>0.7</answer>`; the loss covers exact
 The final judge lands in OUTPUT/final as an HF directory (model + processor) for `vllm serve`.
 """
 import argparse
-import datetime
-import functools
 import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import deepspeed
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -29,17 +24,17 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from step1_reward_model.data import IGNORE_INDEX, make_batch, read_trm_rows, split_by_question
 from utils.cli import InputError, exit_on_input_error
-from utils.data import open_images
+from utils.data import epoch_order, open_images
+from utils.distributed import init_distributed, sum_across_ranks
 from utils.ds_config import zero3_train_config
 from utils.generation import hf_generate
 from utils.metrics_log import MetricsLogger
-from utils.model import load_model, load_processor, resolve_dtype
+from utils.model import (add_model_arguments, apply_training_flags, encode_images_first, load_model, load_processor,
+                         resolve_dtype)
 from utils.outputs import prepare_output_dir, write_atomic, write_run_info
 from utils.prompts import trm_messages
 from utils.rewards import parse_score
-
-CHECKPOINTS = "checkpoints"
-
+from utils.zero3 import load_checkpoint, save_checkpoint, save_hf_model
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Step 1: SFT of a Qwen2.5-VL thinking reward model under ZeRO-3.")
@@ -51,12 +46,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-split-fraction", type=float, default=0.02,
                    help="fraction of the questions held out of --train-data when no --eval-data is given")
     g.add_argument("--output-dir", required=True)
-    g.add_argument("--min-pixels", type=int, default=3136)
-    g.add_argument("--max-pixels", type=int, default=1003520)
-    g.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    g.add_argument("--attn-implementation", default="sdpa", help="flash_attention_2 on GPUs")
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--freeze-vision-tower", action="store_true")
+    add_model_arguments(g)
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=2)
@@ -79,6 +69,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-max-new-tokens", type=int, default=16)
     g.add_argument("--save-every", type=int, default=500, help="DeepSpeed checkpoint every K steps")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    g.add_argument("--dist-timeout-minutes", type=float, default=30,
+                   help="how long a collective may wait for a peer before the run fails (a dead rank never hangs it)")
     g.add_argument("--wandb-project", default=None, help="also log to Weights & Biases")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
@@ -86,7 +78,7 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     positive = ["epochs", "learning_rate", "micro_batch_size", "gradient_accumulation_steps", "eval_max_samples",
-                "eval_batch_size", "eval_max_new_tokens", "save_every"]
+                "eval_batch_size", "eval_max_new_tokens", "save_every", "dist_timeout_minutes"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -108,65 +100,26 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@functools.lru_cache(maxsize=2)
-def _epoch_order(num_rows: int, seed: int) -> tuple:
-    order = list(range(num_rows))
-    random.Random(seed).shuffle(order)
-    return tuple(order)
-
-
 def step_indices(num_rows: int, step: int, steps_per_epoch: int, global_batch: int, seed: int) -> list[int]:
     """The rows of optimizer step `step` (1-based): a seeded permutation per epoch, a function of the step
     alone, so a resumed run needs no sampler state."""
     epoch, offset = divmod(step - 1, steps_per_epoch)
-    return list(_epoch_order(num_rows, seed + epoch)[offset * global_batch:(offset + 1) * global_batch])
-
-
-class VisionKeepalive:
-    """Runs the vision tower on one dummy patch grid when a training micro-batch has no image, added as
-    0 x output to the token embeddings. Under ZeRO-3 every module's forward and backward gather and
-    reduce its parameters collectively: a rank whose batch has no image would skip the tower's
-    collectives while a rank with images waits in them (a hang). A hook on the embeddings runs the
-    tower where the model itself would (right after embedding the tokens), so every rank issues the
-    collectives in the same order."""
-
-    def __init__(self, model):
-        self.model = model
-        self.active = False
-        model.get_input_embeddings().register_forward_hook(self._after_embeddings)
-
-    def _after_embeddings(self, module, inputs, embeddings):
-        if not self.active:
-            return None
-        visual = self.model.model.visual
-        cfg = visual.config
-        grid = torch.tensor([[1, cfg.spatial_merge_size, cfg.spatial_merge_size]], device=embeddings.device)
-        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
-        pixels = torch.zeros(int(grid.prod()), patch_dim, dtype=visual.dtype, device=embeddings.device)
-        out = visual(pixels, grid_thw=grid)
-        hidden = out.pooler_output if hasattr(out, "pooler_output") else out
-        return embeddings + (0.0 * hidden.float().sum()).to(embeddings.dtype)
+    return list(epoch_order(num_rows, seed + epoch)[offset * global_batch:(offset + 1) * global_batch])
 
 
 def target_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed cross-entropy over the target tokens, and their count. The batch is left-padded,
-    so the targets sit in the last `target_width` positions: only those logits are computed."""
+    so the targets sit in the last `target_width` positions: only those logits are computed. `model` is the
+    DeepSpeed engine or a plain model; the vision tower runs first on every rank (utils.model)."""
+    module = getattr(model, "module", model)
     width = batch["target_width"]
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "target_width")}
+    inputs = {k: v.to(module.device) for k, v in batch.items() if k not in ("labels", "target_width")}
+    keepalive = encode_images_first(module, inputs)
     logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()
-    labels = batch["labels"][:, -width:].to(device)
+    labels = batch["labels"][:, -width:].to(module.device)
     losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
     mask = labels != IGNORE_INDEX
-    return (losses * mask).sum(dim=1), mask.sum(dim=1)
-
-
-def all_reduce_sum(*numbers: float) -> list[float]:
-    # NCCL reduces only GPU tensors, gloo (CPU runs) only CPU ones
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    values = torch.tensor(numbers, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(values)
-    return values.tolist()
+    return (losses * mask).sum(dim=1) + keepalive, mask.sum(dim=1)
 
 
 def aligned_eval_batches(rows: list[dict], batch_size: int, rank: int, world_size: int):
@@ -204,50 +157,9 @@ def evaluate_judge(model, processor, rows: list[dict], args, rank: int, world_si
                 totals["parsed"] += weight
                 totals["abs_error"] += weight * abs(score - row["score"])
     model.train()
-    loss, tokens, abs_error, parsed, count = all_reduce_sum(*totals.values())
+    loss, tokens, abs_error, parsed, count = sum_across_ranks(*totals.values())
     return {"eval/loss": loss / max(tokens, 1), "eval/score_mae": abs_error / parsed if parsed else float("nan"),
             "eval/parse_failure_rate": 1 - parsed / max(count, 1)}
-
-
-def save_checkpoint(engine, output_dir: str, step: int, keep_last: int = 2) -> None:
-    """DeepSpeed writes the tag directory first and `latest` last: a crash mid-save keeps the previous one."""
-    root = os.path.join(output_dir, CHECKPOINTS)
-    engine.save_checkpoint(root, tag=f"step{step}", client_state={"step": step})
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
-        tags = sorted((d for d in os.listdir(root) if d.startswith("step")), key=lambda d: int(d[4:]))
-        for old in tags[:-keep_last]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-
-
-def load_checkpoint(engine, output_dir: str) -> int:
-    """Model, optimizer and scheduler from the latest checkpoint; its step, or 0 when there is none."""
-    root = os.path.join(output_dir, CHECKPOINTS)
-    if not os.path.exists(os.path.join(root, "latest")):
-        return 0
-    _, client_state = engine.load_checkpoint(root)
-    return int(client_state["step"])
-
-
-def save_hf_model(engine, processor, path: str, params_per_gather: int = 16) -> None:
-    """Gather the ZeRO-3 weights a few at a time into rank 0's CPU memory and save model + processor as an
-    HF directory (transformers and `vllm serve` load it). Written aside and renamed: never half a model."""
-    rank = torch.distributed.get_rank()
-    named = list(engine.module.named_parameters())
-    state = {}
-    for start in range(0, len(named), params_per_gather):
-        chunk = named[start:start + params_per_gather]
-        with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None):
-            if rank == 0:
-                state.update((name, param.data.detach().cpu().clone()) for name, param in chunk)
-    if rank == 0:
-        tmp = f"{path}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    torch.distributed.barrier()
 
 
 @exit_on_input_error
@@ -270,11 +182,9 @@ def main(argv=None):
                          f"of {global_batch} (micro-batch x accumulation x {world_size} ranks)")
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=30))
-    rank = torch.distributed.get_rank()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    import deepspeed  # only now: bad input above gets its one error line without DeepSpeed's import-time log
+
+    rank, _ = init_distributed(args.dist_timeout_minutes)
     if rank == 0:
         write_run_info(args.output_dir, args)
     torch.manual_seed(args.seed)
@@ -288,18 +198,14 @@ def main(argv=None):
         offload=args.offload, param_persistence_threshold=args.zero_param_persistence_threshold)
     hf_ds_config = HfDeepSpeedConfig(ds_config)  # models loaded while it lives are sharded as they load
     model = load_model(args.model_path, dtype, args.attn_implementation, hf_ds_config)
-    if args.freeze_vision_tower:
-        model.model.visual.requires_grad_(False)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    apply_training_flags(model, freeze_vision_tower=args.freeze_vision_tower,
+                         gradient_checkpointing=args.gradient_checkpointing)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
     warmup_steps = round(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, args.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    keepalive = VisionKeepalive(engine.module)
     start_step = load_checkpoint(engine, args.output_dir) if args.resume else 0
     logger = MetricsLogger(args.output_dir, enabled=rank == 0, resume_step=start_step,
                            wandb_project=args.wandb_project, run_config=vars(args))
@@ -319,14 +225,12 @@ def main(argv=None):
         for micro in range(args.gradient_accumulation_steps):
             start = (micro * world_size + rank) * args.micro_batch_size
             batch = make_batch(processor, rows[start:start + args.micro_batch_size])
-            keepalive.active = "pixel_values" not in batch
             loss_sums, token_counts = target_losses(engine, batch)
-            keepalive.active = False
             loss = loss_sums.sum() / token_counts.sum()
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
-        loss_sum, count = all_reduce_sum(sum(losses), len(losses))
+        loss_sum, count = sum_across_ranks(sum(losses), len(losses))
         step_time = time.perf_counter() - t0
         metrics = {"loss": loss_sum / count, "lr": engine.get_lr()[0], "epoch": (step - 1) / steps_per_epoch,
                    "step_time": step_time, "samples_per_s": global_batch / step_time}
@@ -335,6 +239,9 @@ def main(argv=None):
             metrics["grad_norm"] = float(grad_norm)
         if eval_rows and ((args.eval_every and step % args.eval_every == 0) or step == last_step):
             eval_metrics = evaluate_judge(engine.module, processor, eval_rows, args, rank, world_size)
+            # generation runs the vision tower inside the model, training before it: ZeRO-3's prefetch,
+            # which follows the recorded module order, may have fetched parameters nobody used
+            engine.empty_partition_cache()
             metrics.update(eval_metrics)
         logger.log(step, metrics)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")

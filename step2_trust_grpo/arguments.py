@@ -2,6 +2,7 @@
 import argparse
 
 from utils.cli import InputError
+from utils.model import add_model_arguments
 from utils.trm_client import normalize_base_url
 
 VARIANTS = {  # the paper's Table 3, one switch each: (thinking reward, trust weight, annealing)
@@ -23,12 +24,7 @@ def parse_args(argv=None):
     g.add_argument("--data-path", required=True, help="registry name(s) to train on, comma-separated")
     g.add_argument("--eval-data-path", default=None, help="registry name(s) for held-out validation")
     g.add_argument("--output-dir", required=True)
-    g.add_argument("--min-pixels", type=int, default=3136)
-    g.add_argument("--max-pixels", type=int, default=1003520)
-    g.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    g.add_argument("--attn-implementation", default="sdpa", help="flash_attention_2 on GPUs")
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--freeze-vision-tower", action="store_true")
+    add_model_arguments(g)
 
     g = p.add_argument_group("rollout")
     g.add_argument("--rollout-engine", choices=["vllm", "hf"], default="vllm")

@@ -6,7 +6,6 @@ Each step: roll out N completions per prompt -> outcome rewards R^o and thinking
 server) -> Trust-GRPO rewards -> group-normalised advantages -> PPO-clip + k3-KL update -> push the
 new weights into the rollout engine. See SPEC.md for the method and its defaults.
 """
-import datetime
 import os
 import random
 import statistics
@@ -22,19 +21,20 @@ from tqdm import tqdm
 from transformers.integrations import HfDeepSpeedConfig
 
 from step2_trust_grpo.arguments import check_args, parse_args
-from step2_trust_grpo.checkpoint import load_checkpoint, save_checkpoint, save_hf_model
 from step2_trust_grpo.loss import group_advantages, grpo_loss
 from step2_trust_grpo.policy import completion_batch, completion_logps
 from step2_trust_grpo.rewards import final_rewards, outcome_rewards, thinking_rewards
 from step2_trust_grpo.rollout import HFRollout, VLLMRollout
 from utils.cli import RunAborted, exit_on_input_error
-from utils.data import load_rows, open_images
+from utils.data import epoch_order, load_rows, open_images
 from utils.ds_config import zero3_inference_config, zero3_train_config
 from utils.metrics_log import MetricsLogger
-from utils.model import load_model, load_processor, resolve_dtype
+from utils.distributed import init_distributed, mean_across_ranks, min_across_ranks, sum_across_ranks
+from utils.model import apply_training_flags, load_model, load_processor, resolve_dtype
 from utils.outputs import prepare_output_dir, write_run_info
 from utils.prompts import format_question, policy_messages
 from utils.trm_client import TRMClient
+from utils.zero3 import load_checkpoint, save_checkpoint, save_hf_model
 
 
 def seed_step(seed: int, step: int, rank: int) -> int:
@@ -51,37 +51,8 @@ def prompts_for_step(num_rows: int, step: int, batch_size: int, rank: int, world
     a function of the step alone (so resume needs no sampler state)."""
     per_rank = batch_size // world_size
     start = (step - 1) * batch_size + rank * per_rank
-    indices = []
-    for position in range(start, start + per_rank):
-        epoch, offset = divmod(position, num_rows)
-        order = list(range(num_rows))
-        random.Random(seed + epoch).shuffle(order)
-        indices.append(order[offset])
-    return indices
-
-
-def collective_device() -> torch.device:
-    """NCCL reduces only GPU tensors; gloo (CPU runs) only CPU ones."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def mean_across_ranks(metrics: dict) -> dict:
-    names = sorted(metrics)
-    values = torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64, device=collective_device())
-    torch.distributed.all_reduce(values)
-    return {n: v / torch.distributed.get_world_size() for n, v in zip(names, values.tolist())}
-
-
-def sum_across_ranks(*numbers: float) -> list[float]:
-    values = torch.tensor(numbers, dtype=torch.float64, device=collective_device())
-    torch.distributed.all_reduce(values)
-    return values.tolist()
-
-
-def min_across_ranks(number: float) -> float:
-    value = torch.tensor([number], dtype=torch.float64, device=collective_device())
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return value.item()
+    return [epoch_order(num_rows, seed + position // num_rows)[position % num_rows]
+            for position in range(start, start + per_rank)]
 
 
 def build_policy_engines(args, world_size: int, dtype: torch.dtype):
@@ -96,11 +67,8 @@ def build_policy_engines(args, world_size: int, dtype: torch.dtype):
         param_persistence_threshold=args.zero_param_persistence_threshold)
     hf_ds_config = HfDeepSpeedConfig(ds_config)  # models loaded while it lives are sharded as they load
     policy = load_model(args.model_path, dtype, args.attn_implementation, hf_ds_config)
-    if args.freeze_vision_tower:
-        policy.model.visual.requires_grad_(False)
-    if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        policy.enable_input_require_grads()
+    apply_training_flags(policy, freeze_vision_tower=args.freeze_vision_tower,
+                         gradient_checkpointing=args.gradient_checkpointing)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     warmup = max(args.warmup_steps * args.ppo_epochs, 1)
@@ -129,9 +97,11 @@ def build_rollout(args, processor, dtype: torch.dtype, max_images: int, rank: in
         tensor_parallel_size=args.vllm_tensor_parallel_size, sleep_mode=args.vllm_sleep_mode)
 
 
-def update_policy(engine, ref_engine, processor, chats, images, completion_ids, advantages, args) -> dict:
+def update_policy(engine, ref_engine, processor, chats, images, completions, advantages, args) -> dict:
     """PPO epochs over the rollout in micro-batches. With one epoch the policy has not moved since
-    the rollout, so pi_old is the training engine's own (detached) log-probs of the same pass."""
+    the rollout, so pi_old is the training engine's own (detached) log-probs of the same pass. When
+    the rollout engine reports its log-probs, their mean gap to pi_old is logged (it should be ~0)."""
+    completion_ids = completions.token_ids
     n = args.num_generations
     micro = [range(i, i + args.micro_batch_size) for i in range(0, len(completion_ids), args.micro_batch_size)]
     batches = [completion_batch(processor, [chats[j // n] for j in mb], [images[j // n] for j in mb],
@@ -140,10 +110,14 @@ def update_policy(engine, ref_engine, processor, chats, images, completion_ids, 
         ref_logps = [completion_logps(ref_engine, b, args.temperature)[0] if ref_engine else None for b in batches]
         old_logps = [completion_logps(engine, b, args.temperature)[0] if args.ppo_epochs > 1 else None for b in batches]
 
-    metrics = []
-    for _ in range(args.ppo_epochs):
+    metrics, gaps = [], []
+    for epoch in range(args.ppo_epochs):
         for mb, batch, ref, old in zip(micro, batches, ref_logps, old_logps):
             logps, entropy = completion_logps(engine, batch, args.temperature, with_entropy=args.entropy_coef > 0)
+            if epoch == 0 and completions.rollout_logps is not None:
+                pi_old = logps.detach() if old is None else old
+                gaps += [(pi_old[row, :len(completion_ids[j])].cpu() - torch.tensor(completions.rollout_logps[j]))
+                         .abs().mean().item() for row, j in enumerate(mb)]
             loss, step_metrics = grpo_loss(
                 logps, logps.detach() if old is None else old, ref, advantages[list(mb)].to(logps.device),
                 batch["completion_mask"].to(logps.device), clip_eps=args.clip_eps, kl_coef=args.kl_coef,
@@ -151,7 +125,10 @@ def update_policy(engine, ref_engine, processor, chats, images, completion_ids, 
             engine.backward(loss)
             engine.step()
             metrics.append({**step_metrics, "loss": loss.item()})
-    return {name: statistics.fmean(m[name] for m in metrics) for name in metrics[0]}
+    summary = {name: statistics.fmean(m[name] for m in metrics) for name in metrics[0]}
+    if gaps:
+        summary["rollout/logp_gap"] = statistics.fmean(gaps)
+    return summary
 
 
 def abort_if_trm_down(window: deque, calls: int, failures: int, args) -> None:
@@ -191,14 +168,8 @@ def main(argv=None):
     prepare_output_dir(args.output_dir)
     train_rows = load_rows(args.data_path, args.registry)
     eval_rows = load_rows(args.eval_data_path, args.registry)[: args.eval_max_samples] if args.eval_data_path else []
-    import deepspeed  # only now: bad input above gets its one error line without DeepSpeed's import-time log
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    # bounded: a rank whose peer died raises instead of waiting in a collective forever
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=args.dist_timeout_minutes))
-    rank = torch.distributed.get_rank()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # deepspeed is imported only now, so that bad input above gets its one error line without its log
+    rank, _ = init_distributed(args.dist_timeout_minutes)
     if rank == 0:
         write_run_info(args.output_dir, args)
 
@@ -250,7 +221,7 @@ def main(argv=None):
         # ---- 3. update: PPO-clip on token ratios, k3 KL to the reference, entropy bonus ----
         t2 = time.perf_counter()
         rollout.sleep()
-        update = update_policy(engine, ref_engine, processor, chats, images, completions.token_ids, advantages, args)
+        update = update_policy(engine, ref_engine, processor, chats, images, completions, advantages, args)
         rollout.wake_up()
 
         # ---- 4. weight sync: stream the new ZeRO-3 weights into the rollout engine ----
@@ -289,9 +260,9 @@ def main(argv=None):
             metrics["eval/accuracy"] = validate(rollout, eval_rows, rank, world_size, args)
         logger.log(step, metrics)
         if rank == 0 and step % args.sample_every == 0:
-            sample = "\n\n".join(f"R^o={o:.2f} R^t={t:.2f} R={r:.2f}\n{text}" for o, t, r, text in
-                                 zip(outcome[:n], thinking[:n], rewards[:n], completions.texts[:n]))
-            logger.log_text(step, "samples", f"{chats[0][-1]['content'][-1]['text']}\n\n{sample}")
+            logger.log_samples(step, chats[0][-1]["content"][-1]["text"], [
+                {"completion": text, "outcome": o, "thinking": t, "reward": r}
+                for text, o, t, r in zip(completions.texts[:n], outcome[:n], thinking[:n], rewards[:n])])
         progress.set_postfix(reward=f"{metrics['reward']:.3f}", outcome=f"{metrics['reward/outcome']:.3f}")
         if args.save_every and (step % args.save_every == 0 or step == args.max_steps):
             save_checkpoint(engine, args.output_dir, step)

@@ -2,7 +2,7 @@
 import torch
 
 from step2_trust_grpo.loss import entropy_from_logits, selective_log_softmax
-from utils.model import chat_inputs
+from utils.model import chat_inputs, encode_images_first
 
 
 def completion_batch(processor, chats: list, images: list, completion_ids: list[list[int]]) -> dict:
@@ -24,26 +24,6 @@ def completion_batch(processor, chats: list, images: list, completion_ids: list[
     return batch
 
 
-def _encode_images_first(module, inputs: dict) -> torch.Tensor:
-    """Run the vision tower before the language model, on every rank, and hand its output to the
-    model. Under ZeRO-3 each module's forward (and backward) gathers its parameters collectively, so
-    all ranks must run the same modules in the same order: a rank whose micro-batch is text-only
-    encodes a dummy image instead, and returns a zero that keeps the tower in its autograd graph.
-    Created before the language model runs, that zero is also reached last in backward, where
-    a real image's encoding is too."""
-    pixel_values = inputs.pop("pixel_values", None)
-    if pixel_values is not None:
-        inputs["mm_encoder_outputs"] = {
-            "image": module.model.get_image_features(pixel_values, inputs["image_grid_thw"], return_dict=True)}
-        return torch.zeros((), device=module.device)
-    cfg = module.model.visual.config
-    grid = torch.tensor([[1, cfg.spatial_merge_size, cfg.spatial_merge_size]], device=module.device)
-    patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
-    dummy = torch.zeros(int(grid.prod()), patch_dim, dtype=module.model.visual.dtype, device=module.device)
-    encoded = module.model.get_image_features(dummy, grid, return_dict=True).pooler_output
-    return 0.0 * sum(part.float().sum() for part in encoded)
-
-
 def completion_logps(model, batch: dict, temperature: float, with_entropy: bool = False):
     """Per-token log-probs (and entropies) of the completion tokens under `model` (a DeepSpeed
     engine or a plain model), at the sampling temperature, shape [B, completion width]. Only the
@@ -51,7 +31,7 @@ def completion_logps(model, batch: dict, temperature: float, with_entropy: bool 
     module = getattr(model, "module", model)
     completion = batch["completion_ids"].to(module.device)
     inputs = {k: v.to(module.device) for k, v in batch.items() if k not in ("completion_ids", "completion_mask")}
-    keepalive = _encode_images_first(module, inputs)
+    keepalive = encode_images_first(module, inputs)
     width = completion.shape[1]
     logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1] / temperature
     logps = selective_log_softmax(logits, completion) + keepalive

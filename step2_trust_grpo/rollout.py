@@ -12,6 +12,7 @@ import torch
 
 from utils.cli import InputError
 from utils.generation import build_vllm, hf_generate, vllm_generate, vllm_sampling_params
+from utils.zero3 import gathered_weights
 
 
 @dataclass
@@ -19,22 +20,6 @@ class Completions:
     texts: list[str]  # len = num_prompts * N, the N samples of a prompt consecutive
     token_ids: list[list[int]]
     rollout_logps: list[list[float]] | None = None  # per-token log-probs reported by vLLM
-
-
-def gathered_weights(module, params_per_gather: int = 16):
-    """Yield (name, full tensor) for every parameter of a ZeRO-3 module, gathering only
-    `params_per_gather` parameters at a time, never the whole model. A generator, so a consumer
-    (vLLM's reload) pulls tensors lazily. Every rank must consume it to the end, in the same order:
-    each gather is a collective."""
-    import deepspeed
-
-    named = list(module.named_parameters())
-    for start in range(0, len(named), params_per_gather):
-        chunk = named[start:start + params_per_gather]
-        # one flat GatheredParameters per chunk: nesting them re-shards the outer ones early
-        with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None):
-            for name, param in chunk:
-                yield name, param.data.detach().clone()
 
 
 class HFRollout:
@@ -87,6 +72,12 @@ class VLLMRollout:
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.sleep_mode = sleep_mode
         self.params_per_gather = params_per_gather
+        self.tp_size, self.tp_group = tensor_parallel_size, None
+        if tensor_parallel_size > 1:  # vLLM's TP groups under the external launcher: consecutive ranks
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+            groups = [torch.distributed.new_group(list(range(first, first + tensor_parallel_size)))
+                      for first in range(0, world, tensor_parallel_size)]  # every rank creates every group
+            self.tp_group = groups[rank // tensor_parallel_size]
 
     def sync_weights(self, engine_module) -> float:
         """Stream the ZeRO-3 weights into vLLM with ONE reload_weights call (several calls in a row
@@ -110,11 +101,23 @@ class VLLMRollout:
 
     def generate(self, chats: list, images: list, num_generations: int, seed: int | None = None,
                  greedy: bool = False) -> Completions:
+        """With tensor parallelism the ranks of one TP group drive ONE engine and must pass it identical
+        requests: they pool their prompts (and take the first rank's seed), generate together, and
+        each keeps the completions of its own prompts."""
+        mine = slice(0, len(chats) * num_generations)
+        if self.tp_group is not None:
+            pooled = [None] * self.tp_size
+            torch.distributed.all_gather_object(pooled, (chats, images, seed), group=self.tp_group)
+            position = torch.distributed.get_rank(self.tp_group)
+            before = sum(len(c) for c, _, _ in pooled[:position]) * num_generations
+            mine = slice(before, before + len(chats) * num_generations)
+            chats, images = [c for p in pooled for c in p[0]], [i for p in pooled for i in p[1]]
+            seed = pooled[0][2]
         temperature = 0.0 if greedy else self.temperature
         params = vllm_sampling_params(self.processor, n=num_generations, temperature=temperature, top_p=self.top_p,
-                                          max_tokens=self.max_new_tokens, logprobs=0, seed=seed)
+                                      max_tokens=self.max_new_tokens, logprobs=0, seed=seed)
         outputs = vllm_generate(self.llm, self.processor, chats, images, params)
-        samples = [sample for output in outputs for sample in output.outputs]
+        samples = [sample for output in outputs for sample in output.outputs][mine]
         logps = [[next(iter(step.values())).logprob for step in s.logprobs] if s.logprobs else None for s in samples]
         return Completions([s.text for s in samples], [list(s.token_ids) for s in samples],
                            logps if all(lp is not None for lp in logps) else None)

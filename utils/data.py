@@ -3,10 +3,12 @@
 A registry maps a name to {"file_path", "image_base_path", "columns": {file column: "prompt" | "answer" | "images"}}.
 Relative paths resolve against the registry's folder; a missing image_base_path means that folder.
 """
+import functools
 import io
 import json
 import math
 import os
+import random
 import re
 
 from utils.cli import InputError
@@ -221,3 +223,12 @@ def _check_image(ref, where):
             image.verify()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises on bad files
         raise InputError(f"{where}: cannot read image {ref['path']} ({err})") from None
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_rows: int, seed: int) -> tuple:
+    """A seeded permutation of the row indices. Training loops index it by a function of the step, so a
+    resumed run finds its place without sampler state; cached, as a step reads only a slice of it."""
+    order = list(range(num_rows))
+    random.Random(seed).shuffle(order)
+    return tuple(order)

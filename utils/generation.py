@@ -83,7 +83,10 @@ def build_vllm(
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     from vllm import LLM
 
-    extra = {"distributed_executor_backend": "external_launcher"} if colocated else {}
+    # colocated: report log-probs after temperature / top-p, the distribution the trainer's pi_old is
+    # computed from, so the two can be compared
+    extra = {"distributed_executor_backend": "external_launcher", "logprobs_mode": "processed_logprobs"} \
+        if colocated else {}
     if torch.cuda.is_available():
         extra["gpu_memory_utilization"] = gpu_memory_utilization
         extra["enable_sleep_mode"] = enable_sleep_mode

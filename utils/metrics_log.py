@@ -22,12 +22,13 @@ class MetricsLogger:
 
     def _drop_steps_after(self, step: int) -> None:
         """On resume, forget what steps after the checkpoint logged before a crash: they are redone."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        for path in (self.path, os.path.join(os.path.dirname(self.path), "samples.jsonl")):
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            with open(path, "w") as f:
+                f.writelines(kept)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -40,9 +41,15 @@ class MetricsLogger:
         if self.wandb:
             self.wandb.log(metrics, step=step)
 
-    def log_text(self, step: int, name: str, text: str) -> None:
-        if self.enabled:
-            self.tensorboard.add_text(name, text, step)
+    def log_samples(self, step: int, prompt: str, samples: list[dict]) -> None:
+        """Sample completions with their rewards: samples.jsonl and TensorBoard's text tab."""
+        if not self.enabled:
+            return
+        with open(os.path.join(os.path.dirname(self.path), "samples.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "prompt": prompt, "samples": samples}, ensure_ascii=False) + "\n")
+        text = "\n\n".join(f"R^o={s['outcome']:.2f} R^t={s['thinking']:.2f} R={s['reward']:.2f}\n{s['completion']}"
+                           for s in samples)
+        self.tensorboard.add_text("samples", f"{prompt}\n\n{text}", step)
 
     def close(self) -> None:
         if self.tensorboard:

@@ -65,3 +65,41 @@ def chat_inputs(processor, batch_messages: list, batch_images: list, add_generat
     ]
     images = [image for row_images in batch_images for image in row_images]
     return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+
+
+def encode_images_first(module, inputs: dict) -> torch.Tensor:
+    """Run the vision tower before the language model, on every rank, and hand its output to the
+    model. Under ZeRO-3 each module's forward (and backward) gathers its parameters collectively, so
+    all ranks must run the same modules in the same order: a rank whose micro-batch is text-only
+    encodes a dummy image instead, and returns a zero that keeps the tower in its autograd graph.
+    Created before the language model runs, that zero is also reached last in backward, where
+    a real image's encoding is too. Callers add the returned zero to their loss terms."""
+    pixel_values = inputs.pop("pixel_values", None)
+    if pixel_values is not None:
+        inputs["mm_encoder_outputs"] = {
+            "image": module.model.get_image_features(pixel_values, inputs["image_grid_thw"], return_dict=True)}
+        return torch.zeros((), device=module.device)
+    cfg = module.model.visual.config
+    grid = torch.tensor([[1, cfg.spatial_merge_size, cfg.spatial_merge_size]], device=module.device)
+    patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    dummy = torch.zeros(int(grid.prod()), patch_dim, dtype=module.model.visual.dtype, device=module.device)
+    encoded = module.model.get_image_features(dummy, grid, return_dict=True).pooler_output
+    return 0.0 * sum(part.float().sum() for part in encoded)
+
+
+def add_model_arguments(group) -> None:
+    """The model flags steps 1 and 2 share (an argparse group)."""
+    group.add_argument("--min-pixels", type=int, default=3136, help="image size floor (pixels) for the processor")
+    group.add_argument("--max-pixels", type=int, default=1003520, help="image size cap (pixels) for the processor")
+    group.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    group.add_argument("--attn-implementation", default="sdpa", help="flash_attention_2 on GPUs")
+    group.add_argument("--gradient-checkpointing", action="store_true")
+    group.add_argument("--freeze-vision-tower", action="store_true")
+
+
+def apply_training_flags(model, *, freeze_vision_tower: bool, gradient_checkpointing: bool) -> None:
+    if freeze_vision_tower:
+        model.model.visual.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # checkpointed blocks need inputs that require grad

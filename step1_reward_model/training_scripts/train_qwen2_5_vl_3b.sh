@@ -12,7 +12,7 @@ mkdir -p "$OUTPUT"
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 
 # 8 GPUs x micro-batch 4 x accumulation 4 = 128 rows per step; ~156k rows -> ~2,450 steps for 2 epochs.
-deepspeed --num_gpus 8 "$REPO/step1_reward_model/main.py" \
+deepspeed --num_gpus "${NUM_GPUS:-8}" "$REPO/step1_reward_model/main.py" \
   --model-path "$MODEL" --train-data "$TRAIN" --output-dir "$OUTPUT" \
   --epochs 2 --learning-rate 1e-5 --warmup-ratio 0.03 --weight-decay 0.0 \
   --micro-batch-size 4 --gradient-accumulation-steps 4 --dtype bfloat16 \

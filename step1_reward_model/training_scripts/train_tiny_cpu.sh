@@ -26,4 +26,4 @@ REGISTRY="$ASSETS/data/dataset_info.json"
   &> "$OUTPUT/training.log"
 
 "$PY" "$REPO/step1_reward_model/evaluate.py" --data "$OUTPUT/traces_test.jsonl" --model-path "$OUTPUT/final" \
-  --output-dir "$OUTPUT/eval" --dtype float32 | tee "$OUTPUT/eval.log"
+  --output-dir "$OUTPUT/eval" --dtype float32 --plot | tee "$OUTPUT/eval.log"

@@ -12,7 +12,7 @@ OUTPUT=${5:-outputs/step2_7b}
 shift $(( $# < 5 ? $# : 5 ))
 cd "$(dirname "$0")/../.."
 mkdir -p "$OUTPUT"
-deepspeed --num_gpus 8 step2_trust_grpo/main.py \
+deepspeed --num_gpus "${NUM_GPUS:-8}" step2_trust_grpo/main.py \
   --model-path "$MODEL" --registry "$REGISTRY" --data-path "$DATA" --output-dir "$OUTPUT" \
   --trm-url "$TRM_URL" --trm-model thinking-reward-model \
   --rollout-engine vllm --vllm-gpu-memory-utilization 0.4 --vllm-sleep-mode \

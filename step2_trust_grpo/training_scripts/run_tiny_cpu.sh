@@ -14,7 +14,7 @@ mkdir -p "$OUTPUT"
 PY=${PYTHON:-.venv/bin/python}
 if [ "$TRM_URL" = none ]; then REWARD=(--variant grpo); else REWARD=(--variant full --trm-url "$TRM_URL"); fi
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-"$(dirname "$PY")/deepspeed" --num_gpus 2 step2_trust_grpo/main.py \
+"$(dirname "$PY")/deepspeed" --master_port "${MASTER_PORT:-29500}" --num_gpus 2 step2_trust_grpo/main.py \
   --model-path "$MODEL" --registry "$REGISTRY" --data-path tiny_train --eval-data-path tiny_test \
   --output-dir "$OUTPUT" --rollout-engine hf "${REWARD[@]}" \
   --num-generations 8 --rollout-batch-size 16 --micro-batch-size 32 --max-completion-length 32 \

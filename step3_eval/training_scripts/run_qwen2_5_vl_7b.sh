@@ -9,7 +9,7 @@ DATA=${3:?registry names, e.g. MathVista,ChartQA}
 OUTPUT=${4:-outputs/step3_7b}
 mkdir -p "$OUTPUT"
 cd "$(dirname "$0")/../.."
-deepspeed --num_gpus 8 step3_eval/main.py \
+deepspeed --num_gpus "${NUM_GPUS:-8}" step3_eval/main.py \
   --model-path "$MODEL" --registry "$REGISTRY" --data-path "$DATA" \
   --output-dir "$OUTPUT" --backend vllm --prompt-template eval \
   --batch-size 64 --max-new-tokens 2048 --max-model-len 16384 --dtype bfloat16 \

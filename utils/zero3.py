@@ -1,7 +1,7 @@
-"""Checkpoints that resume exactly, and the final policy as an HF directory.
+"""ZeRO-3 state shared by steps 1 and 2: streaming gathered weights, checkpoints that resume, and the
+final model as an HF directory.
 
-Resume needs no saved RNG state: every step re-seeds from (seed, step, rank), so step k draws the
-same samples whether or not the run was interrupted before it. Data order is a function of the step.
+Resume needs no saved RNG or sampler state: both steps derive data order and seeds from the step.
 """
 import os
 import re
@@ -11,9 +11,23 @@ import time
 
 import torch
 
-from step2_trust_grpo.rollout import gathered_weights
-
 CHECKPOINTS = "checkpoints"
+
+
+def gathered_weights(module, params_per_gather: int = 16):
+    """Yield (name, full tensor) for every parameter of a ZeRO-3 module, gathering only
+    `params_per_gather` parameters at a time, never the whole model. A generator, so a consumer
+    (vLLM's reload) pulls tensors lazily. Every rank must consume it to the end, in the same order:
+    each gather is a collective."""
+    import deepspeed
+
+    named = list(module.named_parameters())
+    for start in range(0, len(named), params_per_gather):
+        chunk = named[start:start + params_per_gather]
+        # one flat GatheredParameters per chunk: nesting them re-shards the outer ones early
+        with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None):
+            for name, param in chunk:
+                yield name, param.data.detach().clone()
 
 
 def save_checkpoint(engine, output_dir: str, step: int, keep_last: int = 2) -> None:
@@ -59,9 +73,10 @@ def load_checkpoint(engine, output_dir: str) -> int:
 
 def save_hf_model(engine, processor, path: str) -> None:
     """Gather the ZeRO-3 weights a few at a time into rank 0's CPU memory and save an HF directory
-    (model + processor) that transformers, step 3 and `vllm serve` load directly. Written to a
+    (model + processor) that transformers, evaluation and `vllm serve` load directly. Written to a
     temporary directory and renamed, so `path` is either the old or the new model, never half."""
     rank = torch.distributed.get_rank()
+    engine.empty_partition_cache()  # parameters a prefetch left in flight could not be re-partitioned below
     state = {}
     for name, tensor in gathered_weights(engine.module):
         if rank == 0:

@@ -1,0 +1,82 @@
+"""The one-click pipeline (train.py), end to end on a short tiny configuration: every stage runs,
+the TRM server is started and stopped, and every output file exists and is well formed. (The
+learning targets need the full tiny run; its figures are in the README.)"""
+import json
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUMMARY_KEYS = {"trm_mae", "trm_mae_constant_baseline", "trm_spearman", "outcome_reward_first", "outcome_reward_last",
+                "acc_before", "acc_after", "wall_seconds", "stage_seconds"}
+STAGES = ("assets", "warm_start", "step1", "step2", "step3_before", "step3_after")
+
+
+def vllm_servers() -> list:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any("vllm.entrypoints.openai.api_server" in part for part in (p.info["cmdline"] or []))]
+
+
+def run_pipeline(output_dir, *extra):
+    command = [sys.executable, "train.py", "--output-dir", str(output_dir), "--tiny-train-rows", "100",
+               "--tiny-test-rows", "20", "--warm-start-steps", "5", "--step2-steps", "2",
+               "--step1-extra", "--max-steps 3 --eval-every 0", *extra]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_tiny_pipeline_writes_every_output_and_stops_the_trm_server(tmp_path):
+    pytest.importorskip("vllm")
+    before = len(vllm_servers())
+    result = run_pipeline(tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(vllm_servers()) == before, "the TRM server outlived the pipeline"
+    assert "[trm-server] stopped" in result.stdout
+
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert SUMMARY_KEYS <= set(summary)
+    assert set(STAGES) <= set(summary["stage_seconds"])
+    for key in ("trm_mae", "trm_mae_constant_baseline", "outcome_reward_first", "outcome_reward_last",
+                "acc_before", "acc_after"):
+        assert 0 <= summary[key] <= 1, (key, summary[key])
+    assert summary["wall_seconds"] == pytest.approx(sum(summary["stage_seconds"].values()), abs=0.5)
+    assert summary["step2_steps"] == 2
+    for stage in STAGES:
+        assert os.path.getsize(tmp_path / f"{stage}.log") > 0
+    report = (tmp_path / "report.md").read_text()
+    for image in ("training.png", "accuracy.png", "step1/eval/calibration.png"):
+        assert f"({image})" in report
+        assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stage in ("step3_before", "step3_after"):
+        rows = [json.loads(line) for line in open(tmp_path / stage / "predictions.jsonl")]
+        assert len(rows) == 20
+    assert os.path.exists(tmp_path / "step2" / "final" / "model.safetensors")
+
+    # a second run finds every stage done and redoes none of them
+    again = run_pipeline(tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("done already") == len(STAGES)
+    assert "[trm-server] starting" not in again.stdout
+
+
+@pytest.mark.slow
+def test_a_failing_stage_stops_the_pipeline_and_prints_its_log_tail(tmp_path):
+    # step 3 alone: "before" evaluates the warm start, "after" finds no step-2 policy and fails (exit 2)
+    result = subprocess.run([sys.executable, "train.py", "--output-dir", str(tmp_path), "--steps", "3",
+                             "--tiny-train-rows", "10", "--tiny-test-rows", "5", "--warm-start-steps", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "[step3_before] finished" in result.stdout
+    assert "[step3_after] failed (exit 2)" in result.stderr
+    assert "error: cannot load a processor from" in result.stderr  # the tail of the stage's log
+    assert not os.path.exists(tmp_path / "step3_after" / "summary.json")
+
+
+def test_steps_without_step_1_need_a_trm(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--output-dir", str(tmp_path), "--steps", "2", "3"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--trm-path" in result.stderr

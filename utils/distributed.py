@@ -1,0 +1,40 @@
+"""torch.distributed set-up and the few reductions the training loops need, on the right device."""
+import datetime
+import os
+
+import torch
+
+
+def init_distributed(timeout_minutes: float = 30) -> tuple[int, int]:
+    """DeepSpeed's process group (NCCL on GPUs, gloo on CPUs) with a bounded timeout, so a rank that
+    dies or hangs makes the others fail instead of waiting forever. Returns (rank, world size)."""
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def collective_device() -> torch.device:
+    """NCCL reduces only GPU tensors; gloo (CPU runs) only CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sum_across_ranks(*numbers: float) -> list[float]:
+    values = torch.tensor(numbers, dtype=torch.float64, device=collective_device())
+    torch.distributed.all_reduce(values)
+    return values.tolist()
+
+
+def mean_across_ranks(metrics: dict) -> dict:
+    names = sorted(metrics)
+    totals = sum_across_ranks(*(float(metrics[n]) for n in names))
+    return {n: v / torch.distributed.get_world_size() for n, v in zip(names, totals)}
+
+
+def min_across_ranks(number: float) -> float:
+    value = torch.tensor([number], dtype=torch.float64, device=collective_device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return value.item()
