@@ -84,17 +84,14 @@ def parse_args(argv=None):
 
 
 def init_distributed() -> tuple[int, int]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not torch.distributed.is_initialized():
-        import datetime
+    """Ranks under the deepspeed launcher, or a single process (rank 0 of 1) without it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from utils.distributed import init_distributed as init_process_group
 
-        import deepspeed
-
-        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=30))
-    rank = torch.distributed.get_rank() if world_size > 1 else 0
+        return init_process_group()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return rank, world_size
+    return 0, 1
 
 
 def load_eval_rows(args) -> list:
