@@ -3,5 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# the benchmarks' baseline (TRL), so that CI runs every benchmark script on its tiny setting too
+.venv/bin/python -m pip install --quiet -r benchmarks/requirements.txt 2>&1 | grep -v "is ignored" || true
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest tests --durations=25 "$@"

@@ -209,3 +209,17 @@ def test_full_chat_completions_url_reaches_the_server():
     with FakeJudge(fixed_score(0.6)) as judge:
         client = TRMClient(judge.url + "/chat/completions", "judge", timeout_s=5)
         assert score_one(client).score == pytest.approx(0.6)
+
+
+def test_score_many_encodes_each_shared_image_once_and_sends_it_with_every_item(monkeypatch):
+    import utils.trm_client as trm_client
+
+    encoded, real = [], trm_client.image_to_data_url
+    monkeypatch.setattr(trm_client, "image_to_data_url", lambda image: encoded.append(image) or real(image))
+    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    items = [("Q", f"R{i}", [red if i < 4 else blue]) for i in range(8)]
+    with FakeJudge(fixed_score(0.7)) as judge:
+        results = TRMClient(judge.url, "judge", max_concurrency=3).score_many_sync(items)
+    assert [r.score for r in results] == [0.7] * 8 and len(encoded) == 2
+    colours = [request_images(body)[0].getpixel((0, 0)) for body in judge.requests]
+    assert sorted(colours) == [(0, 0, 255)] * 4 + [(255, 0, 0)] * 4
