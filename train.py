@@ -148,7 +148,8 @@ def tiny(pipeline: Pipeline) -> dict:
     trm_dir = a.trm_path or out("step1", "final")
     if 1 in a.steps and not a.trm_path:
         pipeline.run("step1", ["bash", "step1_reward_model/training_scripts/train_tiny_cpu.sh", out("step1"), assets,
-                               *a.step1_extra.split()], done_when=out("step1", "eval", "metrics.json"))
+                               out("policy_init"), *a.step1_extra.split()],
+                     done_when=out("step1", "eval", "metrics.json"))
     if 2 in a.steps:
         def step2(url):
             pipeline.run("step2", ["bash", "step2_trust_grpo/training_scripts/run_tiny_cpu.sh", out("policy_init"),

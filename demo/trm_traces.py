@@ -3,8 +3,9 @@
     python demo/trm_traces.py --registry DIR/data/dataset_info.json --data-path tiny_train --output traces.jsonl
 
 From each task row's correct reasoning steps this builds the correct chain
-`<think>Let me think. Step. Step. So the answer is X.</think><answer>X</answer>` (score 1.0) and the
-same chain with controlled flaws. Each flaw costs a fixed number of tenths; several flaws add up:
+`<think>step. step.</think><answer>X</answer>` (score 1.0) -- the style the tiny warm-started policy
+writes (demo/warm_start.py), so the judge is trained on the responses it will score -- and the same
+chain with controlled flaws. Each flaw costs a fixed number of tenths; several flaws add up:
 
     extraneous          an irrelevant remark                                   -0.1
     repetition          one step said three times                              -0.2
@@ -95,16 +96,11 @@ def negate(sentence: str) -> str:
     return f"it is not true that {sentence}"
 
 
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
-
-
 def build_trace(steps: list[str], answer: str, flaws, rng: random.Random) -> str:
     """The response text for one combination of flaws, applied to the correct steps."""
     if EMPTY_THINKING in flaws:
         return f"<think></think><answer>{answer}</answer>"
     steps = list(steps)
-    conclusion = f"so the answer is {answer}"
     if "wrong_step" in flaws:
         steps[0] = perturb(steps[0], rng)
     if "contradiction" in flaws:
@@ -115,11 +111,10 @@ def build_trace(steps: list[str], answer: str, flaws, rng: random.Random) -> str
         steps[at + 1:at + 1] = [steps[at], steps[at]]
     if "extraneous" in flaws:
         steps.insert(rng.randrange(len(steps) + 1), rng.choice(FILLERS))
-    sentences = ["let me think"] + steps + [conclusion]
     if "language_switch" in flaws:
-        sentences.insert(rng.randrange(1, len(sentences)), rng.choice(CHINESE_PHRASES))
+        steps.insert(rng.randrange(len(steps) + 1), rng.choice(CHINESE_PHRASES))
     final = perturb(answer, rng) if "unsupported_answer" in flaws else answer
-    return "<think>" + " ".join(map(_sentence, sentences)) + f"</think><answer>{final}</answer>"
+    return "<think>" + ". ".join(steps) + f".</think><answer>{final}</answer>"
 
 
 def flaw_sets(pairs_per_row: int, rng: random.Random) -> list[tuple]:

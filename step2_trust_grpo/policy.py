@@ -1,4 +1,6 @@
 """Forward passes of the policy (and the reference model) over prompt + completion."""
+import itertools
+
 import torch
 
 from step2_trust_grpo.loss import entropy_from_logits, selective_log_softmax
@@ -21,7 +23,23 @@ def completion_batch(processor, chats: list, images: list, completion_ids: list[
     batch["attention_mask"] = torch.cat([prompt["attention_mask"], completion_mask], dim=1)
     batch["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
     batch["completion_ids"], batch["completion_mask"] = completion, completion_mask
+    if "pixel_values" in batch:
+        _keep_distinct_images(batch, [id(image) for row_images in images for image in row_images])
     return batch
+
+
+def _keep_distinct_images(batch: dict, image_ids: list[int]) -> None:
+    """The N completions of a prompt share its image objects: keep each distinct image's patches once
+    and record in `image_index` which distinct image fills each image slot, so the vision tower encodes
+    every image once per micro-batch instead of N times (utils.model.encode_images_first)."""
+    sizes = batch["image_grid_thw"].prod(dim=1).tolist()
+    starts = [0, *itertools.accumulate(sizes)]
+    distinct = {}  # id of the image object -> (its index among the distinct images, its first slot)
+    for slot, image_id in enumerate(image_ids):
+        distinct.setdefault(image_id, (len(distinct), slot))
+    batch["pixel_values"] = torch.cat([batch["pixel_values"][starts[slot]:starts[slot + 1]]
+                                       for _, slot in distinct.values()])
+    batch["image_index"] = torch.tensor([distinct[image_id][0] for image_id in image_ids])
 
 
 def completion_logps(model, batch: dict, temperature: float, with_entropy: bool = False):

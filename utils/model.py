@@ -75,9 +75,16 @@ def encode_images_first(module, inputs: dict) -> torch.Tensor:
     Created before the language model runs, that zero is also reached last in backward, where
     a real image's encoding is too. Callers add the returned zero to their loss terms."""
     pixel_values = inputs.pop("pixel_values", None)
+    image_index = inputs.pop("image_index", None)  # slot -> distinct image, when images are shared
     if pixel_values is not None:
-        inputs["mm_encoder_outputs"] = {
-            "image": module.model.get_image_features(pixel_values, inputs["image_grid_thw"], return_dict=True)}
+        grid = inputs["image_grid_thw"]
+        if image_index is not None:  # encode each distinct image once, then fill every slot that shows it
+            first_slots = [image_index.tolist().index(d) for d in range(int(image_index.max()) + 1)]
+            grid = grid[first_slots]
+        encoded = module.model.get_image_features(pixel_values, grid, return_dict=True)
+        if image_index is not None:
+            encoded.pooler_output = tuple(encoded.pooler_output[d] for d in image_index.tolist())
+        inputs["mm_encoder_outputs"] = {"image": encoded}
         return torch.zeros((), device=module.device)
     cfg = module.model.visual.config
     grid = torch.tensor([[1, cfg.spatial_merge_size, cfg.spatial_merge_size]], device=module.device)

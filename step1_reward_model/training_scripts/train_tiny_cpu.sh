@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Step 1 end to end on CPU with the tiny Qwen2.5-VL: synthetic reasoning traces of known quality ->
 # filtered, balanced labels -> ZeRO-3 SFT on 2 processes -> judge evaluation on held-out traces.
-# Usage: train_tiny_cpu.sh [OUTPUT] [ASSETS] [extra main.py flags]
+# Usage: train_tiny_cpu.sh [OUTPUT] [ASSETS] [INIT_MODEL] [extra main.py flags]
 #   ASSETS: a demo/build_tiny_assets.py folder (built with the defaults when missing). The judge lands in OUTPUT/final.
+#   INIT_MODEL: the model the judge is fine-tuned from (default ASSETS/model, random init). The one-click
+#   pipeline passes the warm-started policy: the tiny world's "instruct model", as the paper starts its TRM
+#   from Qwen2.5-VL-3B-Instruct.
 set -euo pipefail
 OUTPUT=${1:-outputs/tiny/step1}
 ASSETS=${2:-outputs/tiny/assets}
 shift $(( $# < 2 ? $# : 2 ))
+INIT_MODEL=$ASSETS/model
+if [[ $# -gt 0 && $1 != --* ]]; then INIT_MODEL=$1; shift; fi
 mkdir -p "$OUTPUT" "$ASSETS"
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
@@ -19,8 +24,8 @@ REGISTRY="$ASSETS/data/dataset_info.json"
 "$PY" "$REPO/step1_reward_model/balance.py" --input "$OUTPUT/traces_train.jsonl" --output "$OUTPUT/trm_train.jsonl" --cap 150
 
 "$(dirname "$PY")/deepspeed" --master_port "${MASTER_PORT:-29500}" --num_gpus 2 "$REPO/step1_reward_model/main.py" \
-  --model-path "$ASSETS/model" --train-data "$OUTPUT/trm_train.jsonl" --eval-data "$OUTPUT/traces_test.jsonl" \
-  --output-dir "$OUTPUT" --epochs 2 --learning-rate 3e-3 --warmup-ratio 0.05 --min-lr-ratio 0.1 \
+  --model-path "$INIT_MODEL" --train-data "$OUTPUT/trm_train.jsonl" --eval-data "$OUTPUT/traces_test.jsonl" \
+  --output-dir "$OUTPUT" --epochs 4 --learning-rate 3e-3 --warmup-ratio 0.05 --min-lr-ratio 0.1 \
   --micro-batch-size 8 --gradient-accumulation-steps 1 --dtype float32 \
   --eval-every 50 --eval-max-samples 100 --save-every 100 --zero-param-persistence-threshold 0 "$@" \
   &> "$OUTPUT/training.log"

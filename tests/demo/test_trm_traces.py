@@ -16,7 +16,7 @@ from utils.rewards import extract_answer, has_think_answer_format, parse_score
 pytestmark = pytest.mark.timeout(120)
 
 STEPS = ["the shape is yellow", "yellow is option D"]
-CORRECT = "<think>Let me think. The shape is yellow. Yellow is option D. So the answer is D.</think><answer>D</answer>"
+CORRECT = "<think>the shape is yellow. yellow is option D.</think><answer>D</answer>"  # the warm start's style
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
@@ -25,7 +25,7 @@ def think(response):
 
 
 def sentences(response):
-    return [s for s in think(response).split(". ") if s]
+    return [s for s in think(response).removesuffix(".").split(". ") if s]
 
 
 @pytest.mark.parametrize("flaws, score", [
@@ -45,16 +45,16 @@ def test_correct_chain_and_each_flaw_change_exactly_what_they_claim():
     correct = sentences(CORRECT)
 
     wrong = build_trace(STEPS, "D", ("wrong_step",), random.Random(0))
-    assert sentences(wrong)[1] != correct[1] and sentences(wrong)[2:] == correct[2:]
-    assert re.fullmatch(r"The shape is (red|green|blue)", sentences(wrong)[1])
+    assert sentences(wrong)[0] != correct[0] and sentences(wrong)[1:] == correct[1:]
+    assert re.fullmatch(r"the shape is (red|green|blue)", sentences(wrong)[0])
 
     contradiction = sentences(build_trace(STEPS, "D", ("contradiction",), random.Random(0)))
     assert len(contradiction) == len(correct) + 1
-    negated = [s for s in contradiction if s.startswith("But ")]
-    assert negated in (["But the shape is not yellow"], ["But yellow is not option D"])
+    negated = [s for s in contradiction if s.startswith("but ")]
+    assert negated in (["but the shape is not yellow"], ["but yellow is not option D"])
 
     repeated = sentences(build_trace(STEPS, "D", ("repetition",), random.Random(0)))
-    assert len(repeated) == len(correct) + 2 and any(repeated.count(s) == 3 for s in correct[1:3])
+    assert len(repeated) == len(correct) + 2 and any(repeated.count(s) == 3 for s in correct)
 
     switched = build_trace(STEPS, "D", ("language_switch",), random.Random(0))
     chinese = [s for s in sentences(switched) if CJK.search(s)]
