@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.cli import InputError, exit_on_input_error
+from utils.data import read_jsonl_objects
 from utils.outputs import prepare_output_dir
 from utils.trm_client import TRMClient
 
@@ -67,38 +68,28 @@ def read_input(path: str, image_base: str | None) -> list[tuple[dict, list[str],
         raise InputError(f"--input {path}: file not found")
     image_base = image_base or os.path.dirname(os.path.abspath(path))
     items, seen = [], {}
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            where = f"{path}:{line_no}"
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise InputError(f"{where}: not a valid UTF-8 JSON line ({err})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{where}: a row must be a JSON object")
-            for field in ("question", "response"):
-                if not isinstance(row.get(field), str):
-                    raise InputError(f"{where}: missing or non-string field {field!r}")
-            images = row.get("images") or []
-            if isinstance(images, str):
-                images = [images]
-            if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-                raise InputError(f"{where}: 'images' must be a list of paths")
-            row["images"] = images
-            row["id"] = stable_id(row) if row.get("id") in (None, "") else str(row["id"])
-            paths = [os.path.join(image_base, p) for p in images]
-            for image_path in paths:
-                if not os.path.isfile(image_path):
-                    raise InputError(f"{where}: image not found: {image_path}")
-            content = (row["question"], row["response"], images)
-            if row["id"] in seen:
-                if seen[row["id"]] != content:
-                    raise InputError(f"{where}: id {row['id']!r} repeats with different content")
-                continue  # the same rollout twice: label it once
-            seen[row["id"]] = content
-            items.append((row, paths, where))
+    for where, row in read_jsonl_objects(path):
+        for field in ("question", "response"):
+            if not isinstance(row.get(field), str):
+                raise InputError(f"{where}: missing or non-string field {field!r}")
+        images = row.get("images") or []
+        if isinstance(images, str):
+            images = [images]
+        if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+            raise InputError(f"{where}: 'images' must be a list of paths")
+        row["images"] = images
+        row["id"] = stable_id(row) if row.get("id") in (None, "") else str(row["id"])
+        paths = [os.path.join(image_base, p) for p in images]
+        for image_path in paths:
+            if not os.path.isfile(image_path):
+                raise InputError(f"{where}: image not found: {image_path}")
+        content = (row["question"], row["response"], images)
+        if row["id"] in seen:
+            if seen[row["id"]] != content:
+                raise InputError(f"{where}: id {row['id']!r} repeats with different content")
+            continue  # the same rollout twice: label it once
+        seen[row["id"]] = content
+        items.append((row, paths, where))
     return items
 
 

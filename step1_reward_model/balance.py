@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 import jsonlines
 
 from utils.cli import InputError, exit_on_input_error
+from utils.data import read_jsonl_objects
 from utils.outputs import prepare_output_dir, write_atomic
 
 logger = logging.getLogger("balance")
@@ -100,17 +101,10 @@ def read_rows(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise InputError(f"--input {path}: file not found")
     rows = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise InputError(f"{path}:{line_no}: not a valid UTF-8 JSON line ({err})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("response"), str) or "score" not in row:
-                raise InputError(f"{path}:{line_no}: expected an annotation row with 'response' and 'score'")
-            rows.append(row)
+    for where, row in read_jsonl_objects(path):
+        if not isinstance(row.get("response"), str) or "score" not in row:
+            raise InputError(f"{where}: expected an annotation row with 'response' and 'score'")
+        rows.append(row)
     return rows
 
 

@@ -14,7 +14,7 @@ import random
 import torch
 
 from utils.cli import InputError
-from utils.data import open_images
+from utils.data import open_images, read_jsonl_objects
 from utils.model import chat_inputs
 from utils.prompts import trm_messages
 
@@ -43,21 +43,11 @@ def read_trm_rows(path: str, image_base: str | None = None) -> list[dict]:
         raise InputError(f"{path}: labelled JSONL not found")
     image_base = image_base or os.path.dirname(os.path.abspath(path))
     rows, unscored = [], 0
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise InputError(f"{where}: not a valid UTF-8 JSON line ({err})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: a row must be a JSON object")
-            if record.get("status", "scored") != "scored" or record.get("score") is None:
-                unscored += 1
-                continue
-            rows.append(_trm_row(record, where, image_base, os.path.basename(path)))
+    for where, record in read_jsonl_objects(path):
+        if record.get("status", "scored") != "scored" or record.get("score") is None:
+            unscored += 1
+            continue
+        rows.append(_trm_row(record, where, image_base, os.path.basename(path)))
     if unscored:
         logger.warning("%s: skipped %d rows without a score (status failed)", path, unscored)
     if not rows:

@@ -232,3 +232,20 @@ def epoch_order(num_rows: int, seed: int) -> tuple:
     order = list(range(num_rows))
     random.Random(seed).shuffle(order)
     return tuple(order)
+
+
+def read_jsonl_objects(path: str):
+    """(where, row) for each non-empty line of a JSONL file, `where` being "file:line"; a line that is not
+    UTF-8 JSON or not an object is an InputError naming both."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise InputError(f"{where}: not a valid UTF-8 JSON line ({err})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{where}: a row must be a JSON object")
+            yield where, row
