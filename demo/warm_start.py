@@ -105,7 +105,7 @@ def main(argv=None):
     start = time.perf_counter()
     progress = tqdm(range(args.steps), desc="warm start")
     for _ in progress:
-        picks = rng.sample(range(len(rows)), args.batch_size)
+        picks = rng.choices(range(len(rows)), k=args.batch_size)
         batch = sft_batch(processor, [rows[i] for i in picks], [images[i] for i in picks],
                           [target_text(rows[i], rng, args.correct_fraction) for i in picks])
         loss = model(**batch, use_cache=False).loss

@@ -28,7 +28,7 @@ REGISTRY="$ASSETS/data/dataset_info.json"
   --output-dir "$OUTPUT" --epochs 4 --learning-rate 3e-3 --warmup-ratio 0.05 --min-lr-ratio 0.1 \
   --micro-batch-size 8 --gradient-accumulation-steps 1 --dtype float32 \
   --eval-every 50 --eval-max-samples 100 --save-every 100 --zero-param-persistence-threshold 0 "$@" \
-  &> "$OUTPUT/training.log"
+  2>&1 | tee "$OUTPUT/training.log"
 
 "$PY" "$REPO/step1_reward_model/evaluate.py" --data "$OUTPUT/traces_test.jsonl" --model-path "$OUTPUT/final" \
   --output-dir "$OUTPUT/eval" --dtype float32 --plot | tee "$OUTPUT/eval.log"

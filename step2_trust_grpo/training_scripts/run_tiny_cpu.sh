@@ -20,4 +20,4 @@ export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
   --num-generations 8 --rollout-batch-size 16 --micro-batch-size 32 --max-completion-length 32 \
   --max-prompt-length 512 --min-pixels 12544 --max-pixels 12544 --dtype float32 \
   --learning-rate 1e-4 --kl-coef 0.05 --entropy-coef 0 --max-steps 60 --save-every 20 --eval-every 20 \
-  --eval-max-samples 200 --sample-every 10 "$@" &> "$OUTPUT/training.log"
+  --eval-max-samples 200 --sample-every 10 "$@" 2>&1 | tee "$OUTPUT/training.log"

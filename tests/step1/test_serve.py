@@ -2,7 +2,6 @@
 TRMClient chat requests that carry images with what the same weights generate in transformers."""
 import importlib.util
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -18,7 +17,6 @@ from tests.fake_judge import closed_port
 pytestmark = pytest.mark.timeout(300)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCORE_TEXT = re.compile(r"<answer>[01]\.\d</answer>")
 
 
 def test_command_has_the_cpu_settings_only_on_the_cpu_build():
@@ -142,7 +140,8 @@ def test_served_trm_answers_image_requests_like_transformers_and_stops_cleanly(t
     model = load_model(model_dir, torch.float32).eval()
     expected, _ = hf_generate(model, processor, [trm_messages(r["question"], r["response"], len(i))
                                                  for r, i in zip(picked, images)], images, max_new_tokens=16)
-    assert all(SCORE_TEXT.fullmatch(text) for text in expected), expected
+    # a few-step tiny judge: every reply holds a score; the server must return exactly these texts
+    assert all(parse_score(text) is not None for text in expected), expected
 
     port = free_port()
     server = subprocess.Popen(
