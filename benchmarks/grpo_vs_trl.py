@@ -15,6 +15,7 @@ gives timing/{rollout,reward,update,sync} and step_time. TRL: a callback times e
 Prints per-phase medians over the steps after warm-up and ours / TRL; target <= 1.0x, goal <= 0.7x.
 """
 import argparse
+import glob
 import json
 import os
 import socket
@@ -95,8 +96,13 @@ def run_trl(model: str, registry: str, out_dir: str, job: dict, log) -> list[dic
     os.makedirs(out_dir, exist_ok=True)
     with open(job_file, "w") as f:
         json.dump({**job, "model": model, "registry": registry, "out_dir": out_dir}, f)
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--trl-worker", job_file], cwd=REPO,
-                   env=single_process_env(), stdout=log, stderr=subprocess.STDOUT, check=True)
+    env = single_process_env()
+    try:
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--trl-worker", job_file], cwd=REPO,
+                       env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    finally:  # DeepSpeed's CPU all-reduce leaves a 69 MB /dev/shm file behind (ours unlinks it: utils.distributed)
+        for leftover in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"):
+            os.unlink(leftover)
     with open(os.path.join(out_dir, "steps.jsonl")) as f:
         return [json.loads(line) for line in f]
 

@@ -14,6 +14,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from step2_trust_grpo.policy import completion_batch, completion_logps
 from step2_trust_grpo.rollout import HFRollout, VLLMRollout
 from utils.data import load_rows, open_images
+from utils.distributed import init_distributed
 from utils.ds_config import zero3_train_config
 from utils.model import load_model, load_processor
 from utils.prompts import policy_messages
@@ -24,8 +25,7 @@ parser.add_argument("--registry", required=True)
 parser.add_argument("--local_rank", type=int, default=-1)
 args = parser.parse_args()
 
-deepspeed.init_distributed(dist_backend="gloo")
-rank = torch.distributed.get_rank()
+rank, _ = init_distributed()
 processor = load_processor(args.model_path)
 rows = load_rows("tiny_test", args.registry)[rank * 6:(rank + 1) * 6]
 images = [open_images(r) for r in rows]
