@@ -25,7 +25,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from step1_reward_model.data import IGNORE_INDEX, make_batch, read_trm_rows, split_by_question
 from utils.cli import InputError, exit_on_input_error
 from utils.data import epoch_order, open_images
-from utils.distributed import init_distributed, sum_across_ranks
+from utils.distributed import init_distributed, shutdown, sum_across_ranks
 from utils.ds_config import zero3_train_config
 from utils.generation import hf_generate
 from utils.metrics_log import MetricsLogger
@@ -254,6 +254,7 @@ def main(argv=None):
         write_atomic(os.path.join(args.output_dir, "eval.json"), json.dumps(eval_metrics, indent=2) + "\n")
         print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
     logger.close()
+    shutdown()
 
 
 if __name__ == "__main__":

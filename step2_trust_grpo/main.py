@@ -29,7 +29,7 @@ from utils.cli import RunAborted, exit_on_input_error
 from utils.data import epoch_order, load_rows, open_images
 from utils.ds_config import zero3_inference_config, zero3_train_config
 from utils.metrics_log import MetricsLogger
-from utils.distributed import init_distributed, mean_across_ranks, min_across_ranks, sum_across_ranks
+from utils.distributed import init_distributed, mean_across_ranks, min_across_ranks, shutdown, sum_across_ranks
 from utils.model import apply_training_flags, load_model, load_processor, resolve_dtype
 from utils.outputs import prepare_output_dir, write_run_info
 from utils.prompts import format_question, policy_messages
@@ -113,7 +113,8 @@ def update_policy(engine, ref_engine, processor, chats, images, completions, adv
     metrics, gaps = [], []
     for epoch in range(args.ppo_epochs):
         for mb, batch, ref, old in zip(micro, batches, ref_logps, old_logps):
-            logps, entropy = completion_logps(engine, batch, args.temperature, with_entropy=args.entropy_coef > 0)
+            logps, entropy = completion_logps(engine, batch, args.temperature, with_entropy=True,
+                                              entropy_grad=args.entropy_coef > 0)
             if epoch == 0 and completions.rollout_logps is not None:
                 pi_old = logps.detach() if old is None else old
                 gaps += [(pi_old[row, :len(completion_ids[j])].cpu() - torch.tensor(completions.rollout_logps[j]))
@@ -270,6 +271,7 @@ def main(argv=None):
     # ---- save the final policy as an HF directory: step 3, transformers and vllm serve load it ----
     save_hf_model(engine, processor, os.path.join(args.output_dir, "final"))
     logger.close()
+    shutdown()
 
 
 if __name__ == "__main__":

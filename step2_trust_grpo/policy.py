@@ -42,10 +42,10 @@ def _keep_distinct_images(batch: dict, image_ids: list[int]) -> None:
     batch["image_index"] = torch.tensor([distinct[image_id][0] for image_id in image_ids])
 
 
-def completion_logps(model, batch: dict, temperature: float, with_entropy: bool = False):
+def completion_logps(model, batch: dict, temperature: float, with_entropy: bool = False, entropy_grad: bool = True):
     """Per-token log-probs (and entropies) of the completion tokens under `model` (a DeepSpeed
     engine or a plain model), at the sampling temperature, shape [B, completion width]. Only the
-    completion's logits are materialised."""
+    completion's logits are materialised. `entropy_grad=False`: entropy for logging only."""
     module = getattr(model, "module", model)
     completion = batch["completion_ids"].to(module.device)
     inputs = {k: v.to(module.device) for k, v in batch.items() if k not in ("completion_ids", "completion_mask")}
@@ -53,5 +53,5 @@ def completion_logps(model, batch: dict, temperature: float, with_entropy: bool 
     width = completion.shape[1]
     logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1] / temperature
     logps = selective_log_softmax(logits, completion) + keepalive
-    entropy = entropy_from_logits(logits) if with_entropy else None
+    entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None
     return logps, entropy

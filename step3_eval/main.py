@@ -226,8 +226,15 @@ def main(argv=None):
     generate = build_generator(args, rank, max_images)
     predictions = evaluate_shard(rows, list(range(rank, len(rows), world_size)), generate, args, rank == 0)
     predictions = gather_in_input_order(predictions, world_size)
-    if rank != 0:
-        return
+    if rank == 0:
+        write_results(args, rows, predictions)
+    if world_size > 1:
+        from utils.distributed import shutdown
+
+        shutdown()
+
+
+def write_results(args, rows: list, predictions: list) -> None:
     summary = summarize(predictions)
     summary["benchmarks"] = report_benchmarks(rows, predictions, args)
     summary.update(model_path=args.model_path, data_path=args.data_path, benchmark_tsv=args.benchmark_tsv,

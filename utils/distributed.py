@@ -52,3 +52,11 @@ def min_across_ranks(number: float) -> float:
     value = torch.tensor([number], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
     return value.item()
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: a rank that exits with it still open can abort at interpreter
+    exit ("terminate called without an active exception") after all its work is done."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
