@@ -24,6 +24,7 @@ import jsonlines
 from PIL import Image
 from tqdm import tqdm
 
+from step1_reward_model.data import checked_judge_row
 from utils.cli import InputError, exit_on_input_error
 from utils.data import read_jsonl_objects
 from utils.outputs import prepare_output_dir
@@ -69,20 +70,9 @@ def read_input(path: str, image_base: str | None) -> list[tuple[dict, list[str],
     image_base = image_base or os.path.dirname(os.path.abspath(path))
     items, seen = [], {}
     for where, row in read_jsonl_objects(path):
-        for field in ("question", "response"):
-            if not isinstance(row.get(field), str):
-                raise InputError(f"{where}: missing or non-string field {field!r}")
-        images = row.get("images") or []
-        if isinstance(images, str):
-            images = [images]
-        if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-            raise InputError(f"{where}: 'images' must be a list of paths")
+        images, paths = checked_judge_row(row, where, image_base)
         row["images"] = images
         row["id"] = stable_id(row) if row.get("id") in (None, "") else str(row["id"])
-        paths = [os.path.join(image_base, p) for p in images]
-        for image_path in paths:
-            if not os.path.isfile(image_path):
-                raise InputError(f"{where}: image not found: {image_path}")
         content = (row["question"], row["response"], images)
         if row["id"] in seen:
             if seen[row["id"]] != content:

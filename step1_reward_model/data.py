@@ -55,25 +55,31 @@ def read_trm_rows(path: str, image_base: str | None = None) -> list[dict]:
     return rows
 
 
-def _trm_row(record: dict, where: str, image_base: str, dataset: str) -> dict:
+def checked_judge_row(record: dict, where: str, image_base: str) -> tuple[list[str], list[str]]:
+    """Check a judged row's question, response and images (shared with annotate.py); returns the image
+    paths as written (a single string becomes a list) and resolved against `image_base`, all existing."""
     for field in ("question", "response"):
         if not isinstance(record.get(field), str):
             raise InputError(f"{where}: missing or non-string field {field!r}")
-    score = record["score"]
-    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score) \
-            or not 0 <= score <= 1:
-        raise InputError(f"{where}: score must be a number in [0, 1], got {score!r}")
     images = record.get("images") or []
     if isinstance(images, str):
         images = [images]
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
         raise InputError(f"{where}: 'images' must be a list of paths")
-    refs = []
-    for image in images:
-        image_path = os.path.join(image_base, image)
+    paths = [os.path.join(image_base, image) for image in images]
+    for image_path in paths:
         if not os.path.isfile(image_path):
             raise InputError(f"{where}: image not found: {image_path}")
-        refs.append({"path": image_path, "bytes": None})
+    return images, paths
+
+
+def _trm_row(record: dict, where: str, image_base: str, dataset: str) -> dict:
+    _, paths = checked_judge_row(record, where, image_base)
+    score = record["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score) \
+            or not 0 <= score <= 1:
+        raise InputError(f"{where}: score must be a number in [0, 1], got {score!r}")
+    refs = [{"path": image_path, "bytes": None} for image_path in paths]
     row_id = str(record["id"]) if record.get("id") not in (None, "") else where
     return {"id": row_id, "question": record["question"], "response": record["response"], "score": float(score),
             "images": refs, "dataset": dataset}
