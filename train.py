@@ -83,13 +83,17 @@ class Pipeline:
     def __init__(self, args):
         self.args = args
         self.out = os.path.abspath(args.output_dir)
-        self.seconds = {}
         os.makedirs(self.out, exist_ok=True)
+        self.seconds_path = self.path("stage_seconds.json")  # kept across reruns: a resumed run keeps its times
+        self.seconds = {}
+        if os.path.exists(self.seconds_path):
+            with open(self.seconds_path) as f:
+                self.seconds = json.load(f)
 
     def path(self, *parts) -> str:
         return os.path.join(self.out, *parts)
 
-    def run(self, stage: str, command: list[str], done_when: str | None = None) -> None:
+    def run(self, stage: str, command: list[str], done_when: str | None = None, env: dict | None = None) -> None:
         """Run one stage, its output to <stage>.log; skipped when `done_when` exists (unless --force)."""
         if done_when and os.path.exists(done_when) and not self.args.force:
             print(f"[{stage}] done already ({os.path.relpath(done_when, self.out)} exists), skipped")
@@ -98,12 +102,14 @@ class Pipeline:
         print(f"[{stage}] running, log: {log_path}", flush=True)
         start = time.perf_counter()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHON": PYTHON,
-               "MASTER_PORT": str(free_port())}
+               "MASTER_PORT": str(free_port()), **(env or {})}
         if self.args.deployment_type == "single_gpu":
             env["NUM_GPUS"] = "1"
         with open(log_path, "w") as log:
             code = subprocess.call(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.seconds[stage] = round(time.perf_counter() - start, 1)
+        with open(self.seconds_path, "w") as f:
+            json.dump(self.seconds, f, indent=1)
         if code != 0:
             with open(log_path, errors="replace") as f:
                 tail = "".join(f.readlines()[-30:])
@@ -133,8 +139,9 @@ def with_trm_server(pipeline: Pipeline, trm_dir: str, body) -> None:
         print("[trm-server] stopped", flush=True)
 
 
-def tiny(pipeline: Pipeline) -> dict:
-    """The tiny CPU pipeline: tiny assets, warm start, steps 1-3, summary and report."""
+def tiny_setup(pipeline: Pipeline) -> tuple[str, str]:
+    """The tiny world every tiny run starts from: synthetic tasks + random-init model, then the
+    warm-started policy (policy_init/). Returns (assets folder, registry file)."""
     a, out = pipeline.args, pipeline.path
     assets = out("assets")
     registry = out("assets", "data", "dataset_info.json")
@@ -145,6 +152,13 @@ def tiny(pipeline: Pipeline) -> dict:
                                 "--train", out("assets", "data", "tiny_train.json"), "--output", out("policy_init"),
                                 "--steps", str(a.warm_start_steps), "--seed", str(a.seed)],
                  done_when=out("policy_init", "config.json"))
+    return assets, registry
+
+
+def tiny(pipeline: Pipeline) -> dict:
+    """The tiny CPU pipeline: tiny assets, warm start, steps 1-3, summary and report."""
+    a, out = pipeline.args, pipeline.path
+    assets, registry = tiny_setup(pipeline)
     trm_dir = a.trm_path or out("step1", "final")
     if 1 in a.steps and not a.trm_path:
         pipeline.run("step1", ["bash", "step1_reward_model/training_scripts/train_tiny_cpu.sh", out("step1"), assets,

@@ -16,7 +16,9 @@ chain with controlled flaws. Each flaw costs a fixed number of tenths; several f
     empty_thinking      nothing between <think> and </think>                   score 0.0
 
 Per row: the correct chain, each single flaw, and --pairs-per-row random two-flaw combinations (seeded),
-so every score 0.0, 0.1, ..., 1.0 occurs. Output rows are in annotate.py's format (id, question,
+so every score 0.0, 0.1, ..., 1.0 occurs. `--labels inverted` trains a *hacked* judge (score 1 - s: flawed
+reasoning scores high) and `--labels shuffled` an *untrained-TRM stand-in* (the scores permuted across
+traces: the judge learns the output format and nothing else); experiments/ablations.py uses both. Output rows are in annotate.py's format (id, question,
 response, images relative to the output file, score, judge_text, status "scored", error) plus
 source_id, flaws, problem_type and answer, so balance.py and the TRM trainer read them as they are.
 The question is the policy's training prompt text (utils.prompts.format_question), what step 2 sends
@@ -173,6 +175,19 @@ def make_traces(rows: list[dict], reasoning: dict, output_dir: str, seed: int = 
     return traces
 
 
+def relabel(traces: list[dict], labels: str, seed: int) -> list[dict]:
+    """The same traces with their scores inverted (1 - s) or permuted across traces (seeded); `true` keeps them."""
+    if labels == "true":
+        return traces
+    if labels == "inverted":
+        scores = [round(1.0 - trace["score"], 1) for trace in traces]
+    else:
+        scores = [trace["score"] for trace in traces]
+        random.Random(f"trm-labels-{seed}").shuffle(scores)
+    return [{**trace, "score": score, "judge_text": f"<answer>{score:.1f}</answer>", "true_score": trace["score"]}
+            for trace, score in zip(traces, scores)]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--registry", required=True, help="dataset_info.json of the synthetic tasks")
@@ -181,6 +196,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pairs-per-row", type=int, default=2, help="random two-flaw traces per task row")
     parser.add_argument("--max-rows", type=int, default=None, help="use only the first N task rows")
+    parser.add_argument("--labels", choices=["true", "inverted", "shuffled"], default="true",
+                        help="inverted: a hacked judge's labels (1 - score); shuffled: scores permuted (format only)")
     args = parser.parse_args(argv)
     if args.pairs_per_row < 0:
         raise InputError(f"--pairs-per-row must be >= 0, got {args.pairs_per_row}")
@@ -196,13 +213,13 @@ def main(argv=None) -> list[dict]:
     reasoning = read_reasoning(args.registry, args.data_path)
     output_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(output_dir, exist_ok=True)
-    traces = make_traces(rows, reasoning, output_dir, args.seed, args.pairs_per_row)
+    traces = relabel(make_traces(rows, reasoning, output_dir, args.seed, args.pairs_per_row), args.labels, args.seed)
     tmp = f"{args.output}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(trace, ensure_ascii=False) + "\n" for trace in traces)
     os.replace(tmp, args.output)
     counts = collections.Counter(trace["score"] for trace in traces)
-    print(f"wrote {len(traces)} traces from {len(rows)} task rows to {args.output}")
+    print(f"wrote {len(traces)} traces from {len(rows)} task rows to {args.output} (labels: {args.labels})")
     print("score counts: " + ", ".join(f"{score:.1f}: {counts[score]}" for score in sorted(counts)))
     return traces
 

@@ -82,6 +82,9 @@ def parse_args(argv=None):
     g.add_argument("--eval-every", type=int, default=0, help="held-out validation every K steps (0: never)")
     g.add_argument("--eval-max-samples", type=int, default=256)
     g.add_argument("--sample-every", type=int, default=10, help="log sample completions every K steps")
+    g.add_argument("--log-completions", action="store_true",
+                   help="every completion of every step, with its rewards and its group's gamma, to "
+                        "completions/rank<R>.jsonl (for analysis, e.g. experiments/ablations.py)")
     g.add_argument("--wandb-project", default=None, help="also log to Weights & Biases")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = p.parse_args(argv)

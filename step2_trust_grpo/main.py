@@ -28,7 +28,7 @@ from step2_trust_grpo.rollout import HFRollout, VLLMRollout
 from utils.cli import RunAborted, exit_on_input_error
 from utils.data import epoch_order, load_rows, open_images
 from utils.ds_config import zero3_inference_config, zero3_train_config
-from utils.metrics_log import MetricsLogger
+from utils.metrics_log import CompletionLog, MetricsLogger
 from utils.distributed import init_distributed, mean_across_ranks, min_across_ranks, shutdown, sum_across_ranks
 from utils.model import apply_training_flags, load_model, load_processor, resolve_dtype
 from utils.outputs import prepare_output_dir, write_run_info
@@ -187,6 +187,7 @@ def main(argv=None):
         rollout.sync_weights(engine.module)
     logger = MetricsLogger(args.output_dir, enabled=rank == 0, resume_step=start_step,
                            wandb_project=args.wandb_project, run_config=vars(args))
+    completion_log = CompletionLog(args.output_dir, rank, start_step) if args.log_completions else None
     trm_window = deque(maxlen=args.trm_failure_window)
     n = args.num_generations
 
@@ -264,6 +265,8 @@ def main(argv=None):
             logger.log_samples(step, chats[0][-1]["content"][-1]["text"], [
                 {"completion": text, "outcome": o, "thinking": t, "reward": r}
                 for text, o, t, r in zip(completions.texts[:n], outcome[:n], thinking[:n], rewards[:n])])
+        if completion_log:
+            completion_log.log(step, rows, completions.texts, outcome, thinking, rewards, gammas)
         progress.set_postfix(reward=f"{metrics['reward']:.3f}", outcome=f"{metrics['reward/outcome']:.3f}")
         if args.save_every and (step % args.save_every == 0 or step == args.max_steps):
             save_checkpoint(engine, args.output_dir, step)

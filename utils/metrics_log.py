@@ -3,6 +3,36 @@ import json
 import os
 
 
+def drop_steps_after(path: str, step: int) -> None:
+    """On resume, forget what steps after the checkpoint logged before a crash: they are redone."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+class CompletionLog:
+    """Every completion of every step, one line per group, on every rank (its own file)."""
+
+    def __init__(self, output_dir: str, rank: int, resume_step: int = 0):
+        os.makedirs(os.path.join(output_dir, "completions"), exist_ok=True)
+        self.path = os.path.join(output_dir, "completions", f"rank{rank}.jsonl")
+        drop_steps_after(self.path, resume_step)
+
+    def log(self, step: int, rows: list[dict], texts: list[str], outcome: list[float], thinking: list[float],
+            rewards: list[float], gammas: list[float]) -> None:
+        n = len(texts) // len(rows)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for k, row in enumerate(rows):
+                group = range(k * n, (k + 1) * n)
+                f.write(json.dumps({"step": step, "problem_id": row["id"], "gamma": gammas[k],
+                                    "completions": [texts[i] for i in group], "outcome": [outcome[i] for i in group],
+                                    "thinking": [thinking[i] for i in group], "reward": [rewards[i] for i in group]},
+                                   ensure_ascii=False) + "\n")
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str, *, enabled: bool, resume_step: int = 0, wandb_project: str | None = None,
                  run_config: dict | None = None):
@@ -21,14 +51,8 @@ class MetricsLogger:
             self.wandb = wandb.init(project=wandb_project, config=run_config, resume="allow")
 
     def _drop_steps_after(self, step: int) -> None:
-        """On resume, forget what steps after the checkpoint logged before a crash: they are redone."""
         for path in (self.path, os.path.join(os.path.dirname(self.path), "samples.jsonl")):
-            if not os.path.exists(path):
-                continue
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-            with open(path, "w") as f:
-                f.writelines(kept)
+            drop_steps_after(path, step)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -6,6 +6,8 @@
 #   INIT_MODEL: the model the judge is fine-tuned from (default ASSETS/model, random init). The one-click
 #   pipeline passes the warm-started policy: the tiny world's "instruct model", as the paper starts its TRM
 #   from Qwen2.5-VL-3B-Instruct.
+#   TRM_LABELS=inverted|shuffled (env): train a hacked judge / a format-only stand-in for an untrained one
+#   (demo/trm_traces.py --labels); it is still evaluated against the true scores.
 set -euo pipefail
 OUTPUT=${1:-outputs/tiny/step1}
 ASSETS=${2:-outputs/tiny/assets}
@@ -19,7 +21,8 @@ export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 REGISTRY="$ASSETS/data/dataset_info.json"
 
 [[ -f "$REGISTRY" ]] || "$PY" "$REPO/demo/build_tiny_assets.py" --out "$ASSETS"  # keep assets built with other sizes
-"$PY" "$REPO/demo/trm_traces.py" --registry "$REGISTRY" --data-path tiny_train --max-rows 300 --output "$OUTPUT/traces_train.jsonl"
+"$PY" "$REPO/demo/trm_traces.py" --registry "$REGISTRY" --data-path tiny_train --max-rows 300 \
+  --labels "${TRM_LABELS:-true}" --output "$OUTPUT/traces_train.jsonl"
 "$PY" "$REPO/demo/trm_traces.py" --registry "$REGISTRY" --data-path tiny_test --max-rows 40 --output "$OUTPUT/traces_test.jsonl"
 "$PY" "$REPO/step1_reward_model/balance.py" --input "$OUTPUT/traces_train.jsonl" --output "$OUTPUT/trm_train.jsonl" --cap 150
 

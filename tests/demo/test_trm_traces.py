@@ -135,3 +135,19 @@ def test_rows_without_reasoning_are_refused_with_the_file_named(tmp_path, capsys
                          "--output", str(tmp_path / "t.jsonl")])
     assert exit_info.value.code == 2
     assert "tasks.json: row 0: no 'reasoning' list" in capsys.readouterr().err
+
+
+def test_relabel_inverts_or_shuffles_the_scores_and_keeps_the_true_ones():
+    from demo.trm_traces import relabel
+
+    traces = [{"id": str(i), "score": s, "judge_text": f"<answer>{s:.1f}</answer>"}
+              for i, s in enumerate([0.0, 0.3, 0.7, 1.0, 1.0])]
+    assert relabel(traces, "true", 0) is traces
+    inverted = relabel(traces, "inverted", 0)
+    assert [t["score"] for t in inverted] == [1.0, 0.7, 0.3, 0.0, 0.0]
+    assert inverted[1]["judge_text"] == "<answer>0.7</answer>" and inverted[1]["true_score"] == 0.3
+    shuffled = relabel(traces, "shuffled", 0)
+    assert sorted(t["score"] for t in shuffled) == [0.0, 0.3, 0.7, 1.0, 1.0]  # the same scores, moved
+    assert [t["score"] for t in shuffled] != [t["score"] for t in traces]
+    assert [t["score"] for t in relabel(traces, "shuffled", 0)] == [t["score"] for t in shuffled]  # seeded
+    assert all(t["judge_text"] == f"<answer>{t['score']:.1f}</answer>" for t in shuffled)

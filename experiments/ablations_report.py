@@ -1,0 +1,233 @@
+"""docs/ablations.md from the runs of experiments/ablations.py: table, paired comparisons, plots, claim checks."""
+import glob
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "demo"))
+
+from trace_quality import think_words, trace_quality  # noqa: E402
+from trm_traces import read_reasoning  # noqa: E402
+from utils.trust import CORRECT_THRESHOLD, trust_weight  # noqa: E402
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def summarize_run(path: str, reasoning: dict) -> dict:
+    """Per-step curves and end figures of one finished step-2 run (from its metrics and completion logs)."""
+    metrics = read_jsonl(os.path.join(path, "metrics.jsonl"))
+    per_step = defaultdict(lambda: defaultdict(list))
+    applied, would_be = [], []  # gamma of mixed groups: applied by the run / computed from its rewards
+    for file in sorted(glob.glob(os.path.join(path, "completions", "rank*.jsonl"))):
+        for group in read_jsonl(file):
+            step = per_step[group["step"]]
+            step["quality"] += [trace_quality(c, reasoning[group["problem_id"]]) for c in group["completions"]]
+            step["words"] += [think_words(c) for c in group["completions"]]
+            step["trm"] += group["thinking"]
+            outcome = group["outcome"]
+            if min(outcome) < CORRECT_THRESHOLD <= max(outcome):
+                applied.append(group["gamma"])
+                would_be.append(trust_weight(outcome, group["thinking"]))
+    steps = sorted(per_step)
+    curves = {name: [statistics.fmean(per_step[s][name]) for s in steps] for name in ("quality", "words", "trm")}
+    return {
+        "steps": steps, **curves,
+        "acc_after": [m["eval/accuracy"] for m in metrics if "eval/accuracy" in m][-1],
+        "mixed_groups": len(applied),
+        "gamma_mixed_mean": statistics.fmean(applied) if applied else None,
+        "frac_mixed_distrusted": statistics.fmean(g < 1 for g in applied) if applied else None,
+        "would_be_frac_distrusted": statistics.fmean(g < 1 for g in would_be) if would_be else None,
+    }
+
+
+def fifth(curve: list[float], last: bool) -> float:
+    k = max(1, len(curve) // 5)
+    return statistics.fmean(curve[-k:] if last else curve[:k])
+
+
+def end_figures(run: dict) -> dict:
+    return {"acc_after": run["acc_after"],
+            "quality_first": fifth(run["quality"], False), "quality_last": fifth(run["quality"], True),
+            "words_first": fifth(run["words"], False), "words_last": fifth(run["words"], True),
+            "trm_first": fifth(run["trm"], False), "trm_last": fifth(run["trm"], True),
+            "gamma_mixed_mean": run["gamma_mixed_mean"], "frac_mixed_distrusted": run["frac_mixed_distrusted"],
+            "would_be_frac_distrusted": run["would_be_frac_distrusted"], "wall_seconds": run["wall_seconds"]}
+
+
+def mean_std(values: list, digits: int = 3) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def paired(figures: dict, arm_a: str, arm_b: str, key: str) -> tuple[list[float], str]:
+    """Per-seed differences a - b over the seeds both arms finished."""
+    seeds = sorted(set(figures.get(arm_a, {})) & set(figures.get(arm_b, {})))
+    diffs = [figures[arm_a][s][key] - figures[arm_b][s][key] for s in seeds]
+    if not diffs:
+        return [], "no paired seeds yet"
+    wins = sum(d > 0 for d in diffs)
+    return diffs, (f"{mean_std(diffs)} over {len(diffs)} seeds ({wins} of {len(diffs)} positive; "
+                   f"per seed: {', '.join(f'{d:+.3f}' for d in diffs)})")
+
+
+def plot(curves: dict, before: float, figures: dict, folder: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(values, width=5):
+        return [statistics.fmean(values[max(0, i - width + 1):i + 1]) for i in range(len(values))]
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for arm, runs in curves.items():
+        steps = runs[0]["steps"]
+        style = "--" if arm.endswith("/hacked") else ("-." if arm == "grpo" else "-")
+        for ax, key in zip(axes, ("quality", "words", "trm")):
+            mean = [statistics.fmean(run[key][i] for run in runs) for i in range(len(steps))]
+            ax.plot(steps, smooth(mean), style, label=f"{arm} ({len(runs)} seeds)")
+    for ax, title in zip(axes, ("true trace quality (F1 of steps)", "thinking length (words)",
+                                "mean TRM score R^t (the arm's own TRM)")):
+        ax.set_title(title)
+        ax.set_xlabel("step (5-step moving mean over seeds)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "curves.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    arms = list(figures)
+    values = [[f["acc_after"] for f in figures[a].values()] for a in arms]
+    ax.bar(range(len(arms)), [statistics.fmean(v) for v in values],
+           yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=4)
+    ax.axhline(before, color="black", linestyle=":", label=f"before step 2: {before:.3f}")
+    ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("held-out accuracy after step 2")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "accuracy.png"), dpi=110)
+    plt.close(fig)
+    return ["curves.png", "accuracy.png"]
+
+
+def claims(figures: dict, arms: dict) -> list[str]:
+    """The issue's three claims, checked on the numbers with the rules stated in each line."""
+    def avg(arm, key):
+        values = [f[key] for f in figures.get(arm, {}).values() if f[key] is not None]
+        return statistics.fmean(values) if values else None
+
+    lines = []
+    if "grpo" in figures and "full" in figures:
+        g0, g1, f0, f1 = (avg("grpo", "words_first"), avg("grpo", "words_last"), avg("full", "words_first"),
+                          avg("full", "words_last"))
+        held = g1 < 0.9 * g0 and f1 >= 0.9 * f0
+        lines.append(f"- **(a) {'held' if held else 'did not hold'}** (rule: GRPO's thinking shrinks by > 10% while "
+                     f"full keeps >= 90% of its start). Thinking words, first -> last fifth of training: GRPO "
+                     f"{g0:.2f} -> {g1:.2f}, full (trained TRM) {f0:.2f} -> {f1:.2f}; full's TRM score "
+                     f"{avg('full', 'trm_first'):.3f} -> {avg('full', 'trm_last'):.3f}.")
+    if all(arm in figures for arm in ("grpo", "wo-trust/hacked", "full/hacked")):
+        distrusted = avg("full/hacked", "frac_mixed_distrusted")
+        q = {arm: avg(arm, "quality_last") for arm in ("grpo", "wo-trust/hacked", "full/hacked")}
+        diffs, text = paired(figures, "full/hacked", "wo-trust/hacked", "quality_last")
+        held = (distrusted > 0.5 and q["wo-trust/hacked"] < q["grpo"]
+                and abs(q["full/hacked"] - q["grpo"]) < abs(q["wo-trust/hacked"] - q["grpo"]))
+        lines.append(f"- **(b) {'held' if held else 'did not hold'}** (rule: gamma < 1 in most mixed groups, and "
+                     f"full/hacked's final trace quality nearer GRPO's than wo-trust/hacked's, which is below GRPO's). "
+                     f"Full/hacked: gamma < 1 in {distrusted:.0%} of mixed groups (mean gamma "
+                     f"{avg('full/hacked', 'gamma_mixed_mean'):.3f}). Final trace quality: GRPO {q['grpo']:.3f}, "
+                     f"full/hacked {q['full/hacked']:.3f}, wo-trust/hacked {q['wo-trust/hacked']:.3f}; "
+                     f"full/hacked - wo-trust/hacked: {text}.")
+    trained = [arm for arm in ("grpo", "wo-trained-trm", "wo-trust-and-annealing", "wo-trust", "full")
+               if arm in figures]
+    if len(trained) > 1:
+        order = sorted(trained, key=lambda arm: -avg(arm, "acc_after"))
+        beat = [arm for arm in trained if arm != "grpo" and avg(arm, "acc_after") > avg("grpo", "acc_after")]
+        _, text = paired(figures, "full", "grpo", "acc_after")
+        lines.append(f"- **(c)** held-out accuracy after step 2, best first: "
+                     + ", ".join(f"{arm} {avg(arm, 'acc_after'):.3f}" for arm in order)
+                     + f". Full is {'best' if order[0] == 'full' else 'not best'}; thinking-reward variants above the "
+                       f"GRPO baseline: {', '.join(beat) or 'none'}. Full - GRPO, paired: {text}.")
+    return lines
+
+
+def write(out: str, doc: str, arms: dict, plan: list, run_dir, command: str, notes: str | None) -> dict:
+    registry = os.path.join(out, "assets", "data", "dataset_info.json")
+    reasoning = read_reasoning(registry, "tiny_train")
+    seconds = read_json(os.path.join(out, "stage_seconds.json")) if os.path.exists(
+        os.path.join(out, "stage_seconds.json")) else {}
+    figures, curves = defaultdict(dict), defaultdict(list)
+    for arm, seed in plan:
+        path = run_dir(out, arm, seed)
+        if not os.path.exists(os.path.join(path, "final", "config.json")):
+            continue
+        run = summarize_run(path, reasoning)
+        run["wall_seconds"] = seconds.get(f"run_{os.path.basename(path)}")
+        figures[arm][seed] = end_figures(run)
+        curves[arm].append(run)
+    before = read_json(os.path.join(out, "step3_before", "summary.json"))["overall"]["score"]
+    folder = os.path.splitext(doc)[0]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "figures.json"), "w") as f:
+        json.dump({"acc_before": before, "runs": figures, "stage_seconds": seconds}, f, indent=1)
+    images = plot(curves, before, figures, folder) if figures else []
+
+    total = sum(seconds.values())
+    lines = ["# Table 3 in miniature: ablations and a hacked reward model on the tiny CPU job", "",
+             f"Generated by `{command}` (experiments/ablations.py). Runs finished: "
+             f"{sum(len(v) for v in figures.values())} of {len(plan)}. Total wall time of all stages on this 2-core "
+             f"machine: {total / 60:.0f} min ({total:.0f} s).", "",
+             "## Trained judges (held-out traces, scored against their true quality)", "",
+             "| TRM condition | labels it was trained on | MAE | Spearman | pairwise acc. | parse failures |",
+             "|---|---|---|---|---|---|"]
+    for condition, labels in (("trained", "true"), ("hacked", "1 - true"), ("untrained", "shuffled")):
+        path = os.path.join(out, f"trm_{condition}", "eval", "metrics.json")
+        if os.path.exists(path):
+            m = read_json(path)
+            lines.append(f"| {condition} | {labels} | {m['mae']:.3f} | {m['spearman']:.3f} | "
+                         f"{m['pairwise_accuracy']:.3f} | {m['parse_failure_rate']:.3f} |")
+    lines += ["", f"## Results (mean ± std over seeds; held-out accuracy before step 2: {before:.3f})", "",
+              "First / last: means over the first and last fifth of the training steps. Gamma: mixed groups only "
+              "(both right and wrong answers, R^o >= 0.5 counts as right); 'would be' is the trust weight computed "
+              "from the run's rewards, also for the arms that do not apply it.", "",
+              "| arm | variant | TRM | seeds | acc. after | trace quality first -> last | thinking words first -> last "
+              "| TRM score first -> last | gamma (mixed) | gamma < 1 (mixed) | would be < 1 | s / run |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, runs in figures.items():
+        f = list(runs.values())
+        col = lambda key, digits=3: mean_std([x[key] for x in f], digits)  # noqa: E731
+        variant, condition = arms[arm]
+        lines.append(f"| {arm} | {variant} | {condition or '-'} | {len(f)} | {col('acc_after')} | "
+                     f"{col('quality_first')} -> {col('quality_last')} | {col('words_first')} -> {col('words_last')} | "
+                     + (f"{col('trm_first')} -> {col('trm_last')} | {col('gamma_mixed_mean')} | "
+                        f"{col('frac_mixed_distrusted')} | {col('would_be_frac_distrusted')} | " if condition else
+                        "- | - | - | - | ")
+                     + f"{col('wall_seconds', 0)} |")
+    lines += ["", "## Paired comparisons (same seed = same prompts and sampling seed)", ""]
+    for a, b, key in (("full", "grpo", "acc_after"), ("full", "grpo", "quality_last"), ("full", "grpo", "words_last"),
+                      ("full/hacked", "wo-trust/hacked", "quality_last"), ("full/hacked", "grpo", "quality_last"),
+                      ("wo-trust/hacked", "grpo", "quality_last"), ("full/hacked", "wo-trust/hacked", "acc_after")):
+        lines.append(f"- {a} - {b}, {key}: {paired(figures, a, b, key)[1]}")
+    lines += ["", "## The claims, checked", ""] + claims(figures, arms)
+    lines += [""] + [f"![{name}]({os.path.basename(folder)}/{name})" for name in images]
+    if notes and os.path.exists(notes):
+        with open(notes) as f:
+            lines += ["", f.read().strip()]
+    with open(doc, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return figures

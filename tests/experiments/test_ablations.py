@@ -1,0 +1,68 @@
+"""experiments/ablations.py on a 1-seed, 2-step setting with two arms (GRPO and full Trust-GRPO): every
+stage runs, the doc's table has a row per arm with numbers, the plots exist, and a rerun redoes nothing."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments.ablations import ARMS, KEY_ARMS, parse_args, planned_runs
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_the_plan_pairs_seeds_and_groups_runs_by_trm_condition():
+    plan = planned_runs(parse_args([]))
+    assert len(plan) == 4 * 5 + 4 * 2 == 28
+    for arm in ARMS:
+        assert [s for a, s in plan if a == arm] == list(range(5 if arm in KEY_ARMS else 2))
+    first, rest = plan[:16], plan[16:]
+    assert {s for _, s in first} == {0, 1} and {s for _, s in rest} == {2, 3, 4}
+    # one server start per condition and part: conditions come in contiguous blocks
+    for part in (first, rest):
+        conditions = [ARMS[arm][1] for arm, _ in part]
+        blocks = [c for i, c in enumerate(conditions) if i == 0 or conditions[i - 1] != c]
+        assert len(blocks) == len(set(blocks))
+
+
+def run(output_dir, doc):
+    command = [sys.executable, "experiments/ablations.py", "--output-dir", str(output_dir), "--doc", str(doc),
+               "--arms", "grpo", "full", "--key-seeds", "1", "--other-seeds", "1", "--step2-steps", "2",
+               "--tiny-train-rows", "100", "--tiny-test-rows", "20", "--warm-start-steps", "5",
+               "--step1-extra", "--max-steps 3 --eval-every 0"]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_two_arms_one_seed_produce_the_table_and_a_rerun_redoes_nothing(tmp_path):
+    pytest.importorskip("vllm")
+    out, doc = tmp_path / "out", tmp_path / "docs" / "ablations.md"
+    result = run(out, doc)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = doc.read_text()
+    assert "Runs finished: 2 of 2" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| grpo ")
+            or line.startswith("| full ")}
+    assert set(rows) == {"grpo", "full"}
+    assert "| full | full | trained | 1 |" in rows["full"] and "| grpo | grpo | - | 1 |" in rows["grpo"]
+    assert "| trained | true |" in text  # the trained judge's held-out figures
+    for image in ("curves.png", "accuracy.png"):
+        assert f"(ablations/{image})" in text
+        assert (tmp_path / "docs" / "ablations" / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    figures = json.loads((tmp_path / "docs" / "ablations" / "figures.json").read_text())
+    for arm in ("grpo", "full"):
+        f = figures["runs"][arm]["0"]
+        assert 0 <= f["acc_after"] <= 1 and 0 <= f["quality_last"] <= 1 and f["wall_seconds"] > 0
+    assert figures["runs"]["grpo"]["0"]["trm_last"] == 0  # no thinking reward without a TRM
+    # every completion of both steps was logged: 16 prompts x 8 samples, split over 2 ranks
+    groups = [json.loads(line) for rank in (0, 1) for line in
+              open(out / "runs" / "full-seed0" / "completions" / f"rank{rank}.jsonl")]
+    assert len(groups) == 2 * 16 and all(len(g["completions"]) == 8 for g in groups)
+
+    again = run(out, doc)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "running" not in again.stdout and "[trm-server]" not in again.stdout
+    assert "2 of 2 runs done already" in again.stdout
