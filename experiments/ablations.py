@@ -118,13 +118,14 @@ def run_all(pipeline: train.Pipeline, args) -> None:
                if not os.path.exists(os.path.join(run_dir(pipeline.out, arm, seed), "final", "config.json"))]
     print(f"{len(plan) - len(pending)} of {len(plan)} runs done already; {len(pending)} to go", flush=True)
     for condition, runs in groupby(pending, key=lambda run: ARMS[run[0]][1]):
-        runs = list(runs)
-        if condition is None:
+        def run_each(trm_url, runs=list(runs)):
             for arm, seed in runs:
-                step2_run(pipeline, registry, arm, seed, None, args)
+                step2_run(pipeline, registry, arm, seed, trm_url, args)
+
+        if condition is None:
+            run_each(None)
         else:
-            train.with_trm_server(pipeline, trm_dirs[condition], lambda url: [
-                step2_run(pipeline, registry, arm, seed, url, args) for arm, seed in runs])
+            train.with_trm_server(pipeline, trm_dirs[condition], run_each)
 
 
 def main(argv=None) -> int:

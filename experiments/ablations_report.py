@@ -10,7 +10,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "demo"))
 
-from trace_quality import think_words, trace_quality  # noqa: E402
+from trace_quality import sentences, think_text, think_words, trace_quality  # noqa: E402
 from trm_traces import read_reasoning  # noqa: E402
 from utils.trust import CORRECT_THRESHOLD, trust_weight  # noqa: E402
 
@@ -30,18 +30,22 @@ def summarize_run(path: str, reasoning: dict) -> dict:
     metrics = read_jsonl(os.path.join(path, "metrics.jsonl"))
     per_step = defaultdict(lambda: defaultdict(list))
     applied, would_be = [], []  # gamma of mixed groups: applied by the run / computed from its rewards
+    judged = []  # (R^t, true quality) of every completion: does the judge see what the generator knows?
     for file in sorted(glob.glob(os.path.join(path, "completions", "rank*.jsonl"))):
         for group in read_jsonl(file):
             step = per_step[group["step"]]
             step["quality"] += [trace_quality(c, reasoning[group["problem_id"]]) for c in group["completions"]]
             step["words"] += [think_words(c) for c in group["completions"]]
+            step["repeats"] += [repeats_a_step(c) for c in group["completions"]]
             step["trm"] += group["thinking"]
+            judged += zip(group["thinking"], step["quality"][-len(group["completions"]):])
             outcome = group["outcome"]
             if min(outcome) < CORRECT_THRESHOLD <= max(outcome):
                 applied.append(group["gamma"])
                 would_be.append(trust_weight(outcome, group["thinking"]))
     steps = sorted(per_step)
-    curves = {name: [statistics.fmean(per_step[s][name]) for s in steps] for name in ("quality", "words", "trm")}
+    curves = {name: [statistics.fmean(per_step[s][name]) for s in steps]
+              for name in ("quality", "words", "trm", "repeats")}
     return {
         "steps": steps, **curves,
         "acc_after": [m["eval/accuracy"] for m in metrics if "eval/accuracy" in m][-1],
@@ -49,7 +53,23 @@ def summarize_run(path: str, reasoning: dict) -> dict:
         "gamma_mixed_mean": statistics.fmean(applied) if applied else None,
         "frac_mixed_distrusted": statistics.fmean(g < 1 for g in applied) if applied else None,
         "would_be_frac_distrusted": statistics.fmean(g < 1 for g in would_be) if would_be else None,
+        "trm_vs_quality": spearman(judged),
     }
+
+
+def repeats_a_step(completion: str) -> bool:
+    """A sentence said twice in the thinking: the flaw a hacked judge (trained on 1 - score) rewards most often."""
+    written = sentences(think_text(completion))
+    return len(set(written)) < len(written)
+
+
+def spearman(pairs: list[tuple[float, float]]) -> float | None:
+    import pandas
+
+    frame = pandas.DataFrame(pairs, columns=["trm", "quality"])
+    if len(frame) < 3 or frame["trm"].nunique() < 2 or frame["quality"].nunique() < 2:
+        return None  # e.g. the GRPO baseline, whose R^t is 0 throughout
+    return float(frame["trm"].rank().corr(frame["quality"].rank()))  # Pearson of the ranks (ties averaged)
 
 
 def fifth(curve: list[float], last: bool) -> float:
@@ -62,8 +82,10 @@ def end_figures(run: dict) -> dict:
             "quality_first": fifth(run["quality"], False), "quality_last": fifth(run["quality"], True),
             "words_first": fifth(run["words"], False), "words_last": fifth(run["words"], True),
             "trm_first": fifth(run["trm"], False), "trm_last": fifth(run["trm"], True),
+            "repeats_first": fifth(run["repeats"], False), "repeats_last": fifth(run["repeats"], True),
             "gamma_mixed_mean": run["gamma_mixed_mean"], "frac_mixed_distrusted": run["frac_mixed_distrusted"],
-            "would_be_frac_distrusted": run["would_be_frac_distrusted"], "wall_seconds": run["wall_seconds"]}
+            "would_be_frac_distrusted": run["would_be_frac_distrusted"], "trm_vs_quality": run["trm_vs_quality"],
+            "wall_seconds": run["wall_seconds"]}
 
 
 def mean_std(values: list, digits: int = 3) -> str:
@@ -132,27 +154,31 @@ def claims(figures: dict, arms: dict) -> list[str]:
         values = [f[key] for f in figures.get(arm, {}).values() if f[key] is not None]
         return statistics.fmean(values) if values else None
 
+    def verdict(held):
+        return "held" if held else "did not hold"
+
     lines = []
     if "grpo" in figures and "full" in figures:
         g0, g1, f0, f1 = (avg("grpo", "words_first"), avg("grpo", "words_last"), avg("full", "words_first"),
                           avg("full", "words_last"))
-        held = g1 < 0.9 * g0 and f1 >= 0.9 * f0
-        lines.append(f"- **(a) {'held' if held else 'did not hold'}** (rule: GRPO's thinking shrinks by > 10% while "
-                     f"full keeps >= 90% of its start). Thinking words, first -> last fifth of training: GRPO "
-                     f"{g0:.2f} -> {g1:.2f}, full (trained TRM) {f0:.2f} -> {f1:.2f}; full's TRM score "
+        lines.append(f"- **(a1) {verdict(g1 < 0.9 * g0)}**: with the outcome reward only, the thinking shrinks "
+                     f"(rule: by > 10%). GRPO's thinking words, first -> last fifth of training: {g0:.2f} -> {g1:.2f}.")
+        lines.append(f"- **(a2) {verdict(f1 >= 0.9 * f0)}**: the thinking reward keeps it (rule: full keeps >= 90% "
+                     f"of its start). Full (trained TRM): {f0:.2f} -> {f1:.2f} words; its TRM score "
                      f"{avg('full', 'trm_first'):.3f} -> {avg('full', 'trm_last'):.3f}.")
     if all(arm in figures for arm in ("grpo", "wo-trust/hacked", "full/hacked")):
         distrusted = avg("full/hacked", "frac_mixed_distrusted")
         q = {arm: avg(arm, "quality_last") for arm in ("grpo", "wo-trust/hacked", "full/hacked")}
-        diffs, text = paired(figures, "full/hacked", "wo-trust/hacked", "quality_last")
-        held = (distrusted > 0.5 and q["wo-trust/hacked"] < q["grpo"]
+        lines.append(f"- **(b1) {verdict(distrusted > 0.5)}**: under the hacked TRM, Trust-GRPO's gamma < 1 in most "
+                     f"mixed groups. It was < 1 in {distrusted:.0%} of them (mean gamma "
+                     f"{avg('full/hacked', 'gamma_mixed_mean'):.3f}).")
+        held = (q["wo-trust/hacked"] < q["grpo"]
                 and abs(q["full/hacked"] - q["grpo"]) < abs(q["wo-trust/hacked"] - q["grpo"]))
-        lines.append(f"- **(b) {'held' if held else 'did not hold'}** (rule: gamma < 1 in most mixed groups, and "
-                     f"full/hacked's final trace quality nearer GRPO's than wo-trust/hacked's, which is below GRPO's). "
-                     f"Full/hacked: gamma < 1 in {distrusted:.0%} of mixed groups (mean gamma "
-                     f"{avg('full/hacked', 'gamma_mixed_mean'):.3f}). Final trace quality: GRPO {q['grpo']:.3f}, "
-                     f"full/hacked {q['full/hacked']:.3f}, wo-trust/hacked {q['wo-trust/hacked']:.3f}; "
-                     f"full/hacked - wo-trust/hacked: {text}.")
+        lines.append(f"- **(b2) {verdict(held)}**: full/hacked's final trace quality stays near GRPO's while "
+                     f"wo-trust/hacked's falls below it (rule: the means in that order). GRPO {q['grpo']:.3f}, "
+                     f"full/hacked {q['full/hacked']:.3f}, wo-trust/hacked {q['wo-trust/hacked']:.3f}. Paired, "
+                     f"wo-trust/hacked - GRPO: {paired(figures, 'wo-trust/hacked', 'grpo', 'quality_last')[1]}; "
+                     f"full/hacked - wo-trust/hacked: {paired(figures, 'full/hacked', 'wo-trust/hacked', 'quality_last')[1]}.")
     trained = [arm for arm in ("grpo", "wo-trained-trm", "wo-trust-and-annealing", "wo-trust", "full")
                if arm in figures]
     if len(trained) > 1:
@@ -204,19 +230,23 @@ def write(out: str, doc: str, arms: dict, plan: list, run_dir, command: str, not
     lines += ["", f"## Results (mean ± std over seeds; held-out accuracy before step 2: {before:.3f})", "",
               "First / last: means over the first and last fifth of the training steps. Gamma: mixed groups only "
               "(both right and wrong answers, R^o >= 0.5 counts as right); 'would be' is the trust weight computed "
-              "from the run's rewards, also for the arms that do not apply it.", "",
+              "from the run's rewards, also for the arms that do not apply it. 'TRM ~ quality': Spearman correlation of the "
+              "arm's R^t with the true trace quality over all its completions (how much the judge sees). 'Repeated step': share of completions that say a sentence of their "
+              "thinking twice.", "",
               "| arm | variant | TRM | seeds | acc. after | trace quality first -> last | thinking words first -> last "
-              "| TRM score first -> last | gamma (mixed) | gamma < 1 (mixed) | would be < 1 | s / run |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| repeated step first -> last "
+              "| TRM score first -> last | TRM ~ quality | gamma (mixed) | gamma < 1 (mixed) | would be < 1 | s / run |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, runs in figures.items():
         f = list(runs.values())
         col = lambda key, digits=3: mean_std([x[key] for x in f], digits)  # noqa: E731
         variant, condition = arms[arm]
         lines.append(f"| {arm} | {variant} | {condition or '-'} | {len(f)} | {col('acc_after')} | "
                      f"{col('quality_first')} -> {col('quality_last')} | {col('words_first')} -> {col('words_last')} | "
-                     + (f"{col('trm_first')} -> {col('trm_last')} | {col('gamma_mixed_mean')} | "
+                     f"{col('repeats_first')} -> {col('repeats_last')} | "
+                     + (f"{col('trm_first')} -> {col('trm_last')} | {col('trm_vs_quality')} | {col('gamma_mixed_mean')} | "
                         f"{col('frac_mixed_distrusted')} | {col('would_be_frac_distrusted')} | " if condition else
-                        "- | - | - | - | ")
+                        "- | - | - | - | - | ")
                      + f"{col('wall_seconds', 0)} |")
     lines += ["", "## Paired comparisons (same seed = same prompts and sampling seed)", ""]
     for a, b, key in (("full", "grpo", "acc_after"), ("full", "grpo", "quality_last"), ("full", "grpo", "words_last"),

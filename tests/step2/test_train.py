@@ -51,7 +51,7 @@ def without_timings(row: dict) -> dict:
 
 
 def test_grpo_run_saves_everything_and_resume_repeats_the_next_steps_exactly(tiny_assets, tmp_path):
-    flags = ["--rollout-engine", "hf", "--variant", "grpo", "--save-every", "2"]
+    flags = ["--rollout-engine", "hf", "--variant", "grpo", "--save-every", "2", "--log-completions"]
     check_ok(run_step2(tiny_assets, tmp_path / "a", *flags, "--max-steps", "4"))
     check_ok(run_step2(tiny_assets, tmp_path / "b", *flags, "--max-steps", "2"))
     check_ok(run_step2(tiny_assets, tmp_path / "b", *flags, "--max-steps", "4", "--resume"))
@@ -60,6 +60,13 @@ def test_grpo_run_saves_everything_and_resume_repeats_the_next_steps_exactly(tin
     assert [row["step"] for row in resumed] == [1, 2, 3, 4]
     assert [without_timings(r) for r in resumed] == [without_timings(r) for r in uninterrupted]
     assert uninterrupted[0]["kl"] == 0.0 and uninterrupted[1]["kl"] > 0  # the policy moved off the reference
+    for rank in (0, 1):  # every completion logged, the resumed run's the same as the uninterrupted one's
+        logged = [[json.loads(line) for line in open(tmp_path / run / "completions" / f"rank{rank}.jsonl")]
+                  for run in ("a", "b")]
+        assert logged[0] == logged[1]
+        assert [g["step"] for g in logged[0]] == [1, 1, 2, 2, 3, 3, 4, 4]  # 2 groups of 4 per rank and step
+        assert all(len(g["completions"]) == len(g["outcome"]) == len(g["reward"]) == 4 for g in logged[0])
+        assert all(g["reward"] == g["outcome"] and g["gamma"] == 1.0 for g in logged[0])  # GRPO: R = R^o
 
     with open(tmp_path / "a" / "checkpoints" / "latest") as f:
         assert f.read().strip() == "step4"
