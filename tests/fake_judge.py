@@ -79,6 +79,12 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
+class _Server(ThreadingHTTPServer):
+    # the default listen backlog (5) can reset a connection when 16+ requests arrive at once on a busy
+    # machine: a request the judge never sees, which a test counting requests would take for a client bug
+    request_queue_size = 128
+
+
 class FakeJudge:
     def __init__(self, respond=fixed_score(0.5), delay_s: float = 0.0, port: int = 0):
         self.respond = respond
@@ -107,7 +113,7 @@ class FakeJudge:
             def do_POST(self):
                 judge._handle(self)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server = _Server(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
