@@ -185,10 +185,14 @@ def claims(figures: dict, arms: dict) -> list[str]:
         order = sorted(trained, key=lambda arm: -avg(arm, "acc_after"))
         beat = [arm for arm in trained if arm != "grpo" and avg(arm, "acc_after") > avg("grpo", "acc_after")]
         _, text = paired(figures, "full", "grpo", "acc_after")
+        common = sorted(set.intersection(*(set(figures[arm]) for arm in trained)))
+        like = {arm: statistics.fmean(figures[arm][s]["acc_after"] for s in common) for arm in trained}
         lines.append(f"- **(c)** held-out accuracy after step 2, best first: "
                      + ", ".join(f"{arm} {avg(arm, 'acc_after'):.3f}" for arm in order)
                      + f". Full is {'best' if order[0] == 'full' else 'not best'}; thinking-reward variants above the "
-                       f"GRPO baseline: {', '.join(beat) or 'none'}. Full - GRPO, paired: {text}.")
+                       f"GRPO baseline: {', '.join(beat) or 'none'}. Full - GRPO, paired: {text}. Like for like, on "
+                       f"the seeds every arm ran ({', '.join(map(str, common))}): "
+                     + ", ".join(f"{arm} {like[arm]:.3f}" for arm in sorted(trained, key=lambda a: -like[a])) + ".")
     return lines
 
 
