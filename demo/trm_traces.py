@@ -18,8 +18,9 @@ chain with controlled flaws. Each flaw costs a fixed number of tenths; several f
 Per row: the correct chain, each single flaw, and --pairs-per-row random two-flaw combinations (seeded),
 so every score 0.0, 0.1, ..., 1.0 occurs. `--labels inverted` trains a *hacked* judge (score 1 - s: flawed
 reasoning scores high) and `--labels shuffled` an *untrained-TRM stand-in* (the scores permuted across
-traces: the judge learns the output format and nothing else); experiments/ablations.py uses both. Output rows are in annotate.py's format (id, question,
-response, images relative to the output file, score, judge_text, status "scored", error) plus
+traces: the judge learns the output format and nothing else); experiments/ablations.py uses both.
+Output rows are in annotate.py's format (id, question, response, images relative to the output file,
+score, judge_text, status "scored", error) plus
 source_id, flaws, problem_type and answer, so balance.py and the TRM trainer read them as they are.
 The question is the policy's training prompt text (utils.prompts.format_question), what step 2 sends
 to the TRM.

@@ -76,7 +76,9 @@ def planned_runs(args) -> list[tuple[str, int]]:
 
     first = [(arm, s) for arm in args.arms for s in seeds(arm) if s < args.other_seeds]
     rest = [(arm, s) for arm in args.arms for s in seeds(arm) if s >= args.other_seeds]
-    by_condition = lambda run: CONDITION_ORDER.index(ARMS[run[0]][1])  # noqa: E731
+    def by_condition(run):
+        return CONDITION_ORDER.index(ARMS[run[0]][1])
+
     return sorted(first, key=by_condition) + sorted(rest, key=by_condition)
 
 

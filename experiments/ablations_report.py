@@ -10,19 +10,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "demo"))
 
+from report import read_json, read_jsonl  # noqa: E402  (demo/report.py: the tiny pipeline's report)
 from trace_quality import sentences, think_text, think_words, trace_quality  # noqa: E402
 from trm_traces import read_reasoning  # noqa: E402
 from utils.trust import CORRECT_THRESHOLD, trust_weight  # noqa: E402
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
 
 
 def summarize_run(path: str, reasoning: dict) -> dict:
@@ -34,11 +25,12 @@ def summarize_run(path: str, reasoning: dict) -> dict:
     for file in sorted(glob.glob(os.path.join(path, "completions", "rank*.jsonl"))):
         for group in read_jsonl(file):
             step = per_step[group["step"]]
-            step["quality"] += [trace_quality(c, reasoning[group["problem_id"]]) for c in group["completions"]]
+            quality = [trace_quality(c, reasoning[group["problem_id"]]) for c in group["completions"]]
+            step["quality"] += quality
             step["words"] += [think_words(c) for c in group["completions"]]
             step["repeats"] += [repeats_a_step(c) for c in group["completions"]]
             step["trm"] += group["thinking"]
-            judged += zip(group["thinking"], step["quality"][-len(group["completions"]):])
+            judged += zip(group["thinking"], quality)
             outcome = group["outcome"]
             if min(outcome) < CORRECT_THRESHOLD <= max(outcome):
                 applied.append(group["gamma"])

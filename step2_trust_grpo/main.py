@@ -21,6 +21,7 @@ from tqdm import tqdm
 from transformers.integrations import HfDeepSpeedConfig
 
 from step2_trust_grpo.arguments import check_args, parse_args
+from step2_trust_grpo.completion_log import CompletionLog
 from step2_trust_grpo.loss import group_advantages, grpo_loss
 from step2_trust_grpo.policy import completion_batch, completion_logps
 from step2_trust_grpo.rewards import final_rewards, outcome_rewards, thinking_rewards
@@ -28,7 +29,7 @@ from step2_trust_grpo.rollout import HFRollout, VLLMRollout
 from utils.cli import RunAborted, exit_on_input_error
 from utils.data import epoch_order, load_rows, open_images
 from utils.ds_config import zero3_inference_config, zero3_train_config
-from utils.metrics_log import CompletionLog, MetricsLogger
+from utils.metrics_log import MetricsLogger
 from utils.distributed import init_distributed, mean_across_ranks, min_across_ranks, shutdown, sum_across_ranks
 from utils.model import apply_training_flags, load_model, load_processor, resolve_dtype
 from utils.outputs import prepare_output_dir, write_run_info

@@ -7,30 +7,10 @@ def drop_steps_after(path: str, step: int) -> None:
     """On resume, forget what steps after the checkpoint logged before a crash: they are redone."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.writelines(kept)
-
-
-class CompletionLog:
-    """Every completion of every step, one line per group, on every rank (its own file)."""
-
-    def __init__(self, output_dir: str, rank: int, resume_step: int = 0):
-        os.makedirs(os.path.join(output_dir, "completions"), exist_ok=True)
-        self.path = os.path.join(output_dir, "completions", f"rank{rank}.jsonl")
-        drop_steps_after(self.path, resume_step)
-
-    def log(self, step: int, rows: list[dict], texts: list[str], outcome: list[float], thinking: list[float],
-            rewards: list[float], gammas: list[float]) -> None:
-        n = len(texts) // len(rows)
-        with open(self.path, "a", encoding="utf-8") as f:
-            for k, row in enumerate(rows):
-                group = range(k * n, (k + 1) * n)
-                f.write(json.dumps({"step": step, "problem_id": row["id"], "gamma": gammas[k],
-                                    "completions": [texts[i] for i in group], "outcome": [outcome[i] for i in group],
-                                    "thinking": [thinking[i] for i in group], "reward": [rewards[i] for i in group]},
-                                   ensure_ascii=False) + "\n")
 
 
 class MetricsLogger:
@@ -69,7 +49,7 @@ class MetricsLogger:
         """Sample completions with their rewards: samples.jsonl and TensorBoard's text tab."""
         if not self.enabled:
             return
-        with open(os.path.join(os.path.dirname(self.path), "samples.jsonl"), "a") as f:
+        with open(os.path.join(os.path.dirname(self.path), "samples.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "prompt": prompt, "samples": samples}, ensure_ascii=False) + "\n")
         text = "\n\n".join(f"R^o={s['outcome']:.2f} R^t={s['thinking']:.2f} R={s['reward']:.2f}\n{s['completion']}"
                            for s in samples)

@@ -1,7 +1,7 @@
 """The completion log: one line per group with its rewards and gamma; a resumed run forgets later steps."""
 import json
 
-from utils.metrics_log import CompletionLog
+from step2_trust_grpo.completion_log import CompletionLog
 
 
 def test_groups_are_logged_per_rank_and_resume_drops_the_steps_after_the_checkpoint(tmp_path):
