@@ -11,10 +11,11 @@ from utils.trust import trust_rewards
 UNIFORM_RIGHT, UNIFORM_WRONG, CLEARLY_WRONG = 0.9, 0.1, 0.2
 
 
-def outcome_rewards(texts: list[str], rows: list[dict], num_generations: int, max_answer_chars: int) -> list[float]:
+def outcome_rewards(texts: list[str], rows: list[dict], num_generations: int, max_answer_chars: int,
+                    strict_format: bool = False) -> list[float]:
     return [
         outcome_reward(text, rows[i // num_generations]["answer"], rows[i // num_generations]["problem_type"],
-                       max_answer_chars=max_answer_chars)
+                       max_answer_chars=max_answer_chars, strict_format=strict_format)
         for i, text in enumerate(texts)
     ]
 

@@ -27,10 +27,12 @@ def metric_for(benchmark):
     return RULE_BASED
 
 
-def graded_answer(completion, max_answer_chars):
+def graded_answer(completion, max_answer_chars, strict_format=False):
     """The <answer> text under the same gate as utils.rewards.outcome_reward (think/answer format, length cap)."""
     completion = completion.replace("$", "")
-    answer = extract_answer(completion) if has_think_answer_format(completion) else None
+    answer = None
+    if has_think_answer_format(completion, strict=strict_format):
+        answer = extract_answer(completion, last=strict_format)
     return answer.strip() if answer is not None and len(answer) <= max_answer_chars else None
 
 
@@ -67,13 +69,13 @@ def _targets(answer):
     return [answer]
 
 
-def row_scores(metric, predictions, max_answer_chars):
+def row_scores(metric, predictions, max_answer_chars, strict_format=False):
     """Per-row score under `metric`: 0/1 for ChartQA and MME, the outcome reward otherwise."""
     if metric == RULE_BASED:
         return [p["score"] for p in predictions]
     scores = []
     for p in predictions:
-        answer = graded_answer(p["prediction"], max_answer_chars)
+        answer = graded_answer(p["prediction"], max_answer_chars, strict_format)
         if answer is None:
             scores.append(0.0)
         elif metric == RELAXED_ACCURACY:
@@ -105,10 +107,10 @@ def mme_score(rows, scores):
     }
 
 
-def benchmark_summary(benchmark, rows, predictions, max_answer_chars):
+def benchmark_summary(benchmark, rows, predictions, max_answer_chars, strict_format=False):
     """(summary entry, per-row scores) of one benchmark; rows and predictions aligned."""
     metric = metric_for(benchmark)
-    scores = row_scores(metric, predictions, max_answer_chars)
+    scores = row_scores(metric, predictions, max_answer_chars, strict_format)
     entry = {"metric": metric, "score": sum(scores) / len(scores), "count": len(scores)}
     if metric == MME_SCORE:
         entry.update(mme_score(rows, scores))

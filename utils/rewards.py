@@ -21,28 +21,42 @@ from utils.prompts import PROBLEM_TYPES
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
-# "\s*+" (possessive) and the literal prefix keep the scan linear and inside the regex engine's C loop:
-# a megabyte of "</think>" costs milliseconds, where a Python loop over the tags cost ~80 ms.
+# --strict-format's gate. "\s*+" (possessive) and the literal prefix keep the scan linear and inside the regex
+# engine's C loop: a megabyte of "</think>" costs milliseconds, where a Python loop over the tags cost ~80 ms.
 _THINK_THEN_ANSWER = re.compile(r"</think>\s*+<answer>")
 
 
-def has_think_answer_format(text):
-    """Same verdict as re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>", text, re.DOTALL), in linear time:
-    the text opens with <think>, closes with </answer>, and some </think> is followed (after whitespace only)
-    by an <answer> that opens before that final </answer>."""
-    if not (text.startswith(THINK_OPEN) and text.endswith(ANSWER_CLOSE)):
+def has_think_answer_format(text, *, strict=False):
+    """The reference's verdict, re.fullmatch(r"<think>(.*?)</think>.*<answer>(.*?)</answer>.*", text, re.DOTALL),
+    in linear time: the text opens with <think>, and after some </think> come an <answer> and then an </answer>,
+    with any text between and after. The earliest of each tag leaves the most room for the next, so three finds
+    decide it.
+
+    strict: re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", text, re.DOTALL) instead: only whitespace
+    between </think> and <answer>, nothing after the final </answer>."""
+    if not text.startswith(THINK_OPEN):
         return False
-    # endpos: the <answer> must end before the final </answer> starts
-    return _THINK_THEN_ANSWER.search(text, len(THINK_OPEN), len(text) - len(ANSWER_CLOSE)) is not None
+    if strict:
+        # endpos: the <answer> must end before the final </answer> starts
+        return text.endswith(ANSWER_CLOSE) and _THINK_THEN_ANSWER.search(
+            text, len(THINK_OPEN), len(text) - len(ANSWER_CLOSE)) is not None
+    think_end = text.find(THINK_CLOSE, len(THINK_OPEN))
+    if think_end == -1:
+        return False
+    answer_start = text.find(ANSWER_OPEN, think_end + len(THINK_CLOSE))
+    return answer_start != -1 and text.find(ANSWER_CLOSE, answer_start + len(ANSWER_OPEN)) != -1
 
 
-def extract_answer(text):
-    """The content of the last <answer>...</answer> in `text`, or None."""
-    end = text.rfind(ANSWER_CLOSE)
-    if end == -1:
-        return None
-    start = text.rfind(ANSWER_OPEN, 0, end)
-    if start == -1:
+def extract_answer(text, *, last=False):
+    """The content of the first <answer>...</answer> in `text` (the reference's
+    re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)), or None; with last=True, of the last one."""
+    if last:
+        end = text.rfind(ANSWER_CLOSE)
+        start = text.rfind(ANSWER_OPEN, 0, end) if end != -1 else -1
+    else:
+        start = text.find(ANSWER_OPEN)
+        end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN)) if start != -1 else -1
+    if start == -1 or end == -1:
         return None
     return text[start + len(ANSWER_OPEN):end]
 
@@ -237,21 +251,22 @@ _SCORERS = {
 assert set(_SCORERS) == set(PROBLEM_TYPES)
 
 
-def outcome_reward(response, solution, problem_type, *, max_answer_chars=4096):
-    """R^o in [0, 1]. 0 without the <think>...</think> <answer>...</answer> format or for an answer longer
-    than `max_answer_chars`. Never raises because of the response: InputError for an unknown problem_type,
-    MathWorkerError when mathruler cannot run at all, are the only exceptions."""
+def outcome_reward(response, solution, problem_type, *, max_answer_chars=4096, strict_format=False):
+    """R^o in [0, 1], on the first <answer> of a response in the reference's format (has_think_answer_format);
+    0 without that format or for an answer longer than `max_answer_chars`. strict_format: the stricter gate and
+    the last <answer> instead (--strict-format). Never raises because of the response: InputError for an unknown
+    problem_type, MathWorkerError when mathruler cannot run at all, are the only exceptions."""
     if problem_type not in _SCORERS:
         raise InputError(f"unknown problem_type {problem_type!r}; expected one of {', '.join(PROBLEM_TYPES)}")
     try:
         response = response.replace("$", "")
-        if not has_think_answer_format(response):
+        if not has_think_answer_format(response, strict=strict_format):
             return 0.0
-        answer = extract_answer(response)
+        answer = extract_answer(response, last=strict_format)
         if answer is None or len(answer) > max_answer_chars:
             return 0.0
         truth = solution.replace("$", "")
-        wrapped = extract_answer(truth)
+        wrapped = extract_answer(truth, last=strict_format)
         truth = wrapped if wrapped is not None else truth
         score = float(_SCORERS[problem_type](answer.strip(), truth.strip()))
     except MathWorkerError:
@@ -283,7 +298,7 @@ def parse_score(text):
     overflowing "1e999" -> None.
     """
     try:
-        answer = extract_answer(text)
+        answer = extract_answer(text, last=True)
         value = _first_number(answer[:_SCORE_SEARCH_CHARS]) if answer is not None else None
         if value is None:
             value = _first_number(text[:_SCORE_SEARCH_CHARS])

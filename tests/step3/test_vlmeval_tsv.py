@@ -320,6 +320,14 @@ def test_yes_no_and_row_scores_follow_vlmevalkit_rules():
     assert row_scores(RULE_BASED, predictions, 4096) == [0.5] * 4 + [0.0]
 
 
+def test_row_scores_read_the_first_answer_and_allow_text_after_it_unless_strict_format():
+    predictions = [{"prediction": p, "answer": "10"} for p in [
+        "<think>x</think><answer>10</answer>.", "<think>x</think><answer>10</answer><answer>3</answer>",
+        "<think>x</think><answer>3</answer>\n<answer>10</answer>"]]
+    assert row_scores(RELAXED_ACCURACY, predictions, 4096) == [1.0, 1.0, 0.0]
+    assert row_scores(RELAXED_ACCURACY, predictions, 4096, strict_format=True) == [0.0, 0.0, 1.0]
+
+
 def test_mme_score_sums_acc_and_acc_plus_per_subtask():
     rows = [{"source": {"category": c}, "image_key": k} for c, k in
             [("OCR", "a"), ("OCR", "a"), ("OCR", "b"), ("OCR", "b"), ("text_translation", "c"), ("text_translation", "c")]]

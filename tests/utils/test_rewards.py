@@ -1,4 +1,6 @@
+import json
 import math
+import os
 import random
 import re
 import time
@@ -10,52 +12,113 @@ from utils.cli import InputError
 from utils.prompts import PROBLEM_TYPES
 from utils.rewards import extract_answer, has_think_answer_format, option_letters, outcome_reward, parse_score
 
-REFERENCE_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+# The reference's rules (verl/utils/reward_score/math.py of SophiaVL-R1), and the stricter one of --strict-format
+REFERENCE_FORMAT = re.compile(r"<think>(.*?)</think>.*<answer>(.*?)</answer>.*", re.DOTALL)
+REFERENCE_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+STRICT_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 
 
 def wrap(answer, think="let me think"):
     return f"<think>{think}</think><answer>{answer}</answer>"
 
 
-# --- format gate -------------------------------------------------------------------------------------------
+# --- format gate and the answer scored: (response, R^o for truth "5", R^o with strict_format) -----------------
 
-@pytest.mark.parametrize("response, expected", [
-    ("<think>a</think><answer>5</answer>", 1.0),
-    ("<think>a</think>\n \t<answer>5</answer>", 1.0),
-    ("<think>\nmulti\nline\n</think>\n<answer>\n5\n</answer>", 1.0),
-    ("<think>a<think>b</think>c</think><answer>5</answer>", 1.0),  # the regex also accepts this nesting
-    ("<answer>5</answer>", 0.0),                                   # no think
-    ("Sure! <think>a</think><answer>5</answer>", 0.0),             # text before <think>
-    (" <think>a</think><answer>5</answer>", 0.0),                  # even whitespace
-    ("<think>a</think><answer>5</answer> done", 0.0),              # text after </answer>
-    ("<answer>5</answer><think>a</think>", 0.0),                   # answer before think
-    ("<think>a</think> so <answer>5</answer>", 0.0),               # words between the blocks
-    ("<think>a<answer>5</answer>", 0.0),                           # think never closed
-    ("<think>a</think><answer>5", 0.0),                            # answer never closed
-    ("<think>a</think><answer>5</answer", 0.0),
-    ("", 0.0),
-    ("5", 0.0),
+@pytest.mark.parametrize("response, expected, strict", [
+    ("<think>a</think><answer>5</answer>", 1.0, 1.0),
+    ("<think>a</think>\n \t<answer>5</answer>", 1.0, 1.0),
+    ("<think>\nmulti\nline\n</think>\n<answer>\n5\n</answer>", 1.0, 1.0),
+    ("<think>a<think>b</think>c</think><answer>5</answer>", 1.0, 1.0),  # nested thinks: both regexes accept
+    ("<think></think><answer>5</answer>", 1.0, 1.0),                    # empty thinking
+    # text between the blocks, text after the answer: the reference accepts them
+    ("<think>a</think> so <answer>5</answer>", 1.0, 0.0),
+    ("<think>a</think>\n\nFinal answer:\n<answer>5</answer>", 1.0, 0.0),
+    ("<think>a</think><answer>5</answer>\n", 1.0, 0.0),
+    ("<think>a</think><answer>5</answer>.", 1.0, 0.0),
+    ("<think>a</think><answer>5</answer> done", 1.0, 0.0),
+    ("<think>a</think><answer>5</answer> and <answer>", 1.0, 0.0),       # an unclosed tag after the answer
+    # several answers: the first one is scored (strict: the last)
+    ("<think>a</think><answer>5</answer><answer>6</answer>", 1.0, 0.0),
+    ("<think>a</think><answer>6</answer>\n<answer>5</answer>", 0.0, 1.0),
+    # an <answer> inside the thinking is the first answer
+    ("<think>maybe <answer>5</answer></think><answer>6</answer>", 1.0, 0.0),
+    ("<think>maybe <answer>6</answer></think><answer>5</answer>", 0.0, 1.0),
+    ("<think>x<answer>5</think><answer>6</answer>", 0.0, 0.0),  # first answer "5</think><answer>6"; strict: "6"
+    ("<think>a</answer></think><answer>5</answer>", 1.0, 1.0),   # a stray close tag before the answer
+    # nested answers: the first answer runs to the first </answer> ("<answer>5"); strict: "5</answer>"
+    ("<think>a</think><answer><answer>5</answer></answer>", 0.0, 0.0),
+    ("<think>a</think><answer>$5$</answer>$", 1.0, 1.0),          # $ is stripped before the gate
+    ("<think>a</think><answer></answer>", 0.0, 0.0),              # empty answer
+    ("<think>a</think><answer> </answer>", 0.0, 0.0),
+    # missing or misplaced tags
+    ("<answer>5</answer>", 0.0, 0.0),                                   # no think
+    ("Sure! <think>a</think><answer>5</answer>", 0.0, 0.0),             # text before <think>
+    (" <think>a</think><answer>5</answer>", 0.0, 0.0),                  # even whitespace
+    ("<answer>5</answer><think>a</think>", 0.0, 0.0),                   # answer before think
+    ("<think>a<answer>5</answer>", 0.0, 0.0),                           # think never closed
+    ("<think>a</think>5", 0.0, 0.0),                                    # no answer tags
+    ("<think>a</think><answer>5", 0.0, 0.0),                            # answer never closed
+    ("<think>a</think><answer>5</answer", 0.0, 0.0),
+    ("<think>a</think></answer>5<answer>", 0.0, 0.0),                   # tags in the wrong order
+    ("", 0.0, 0.0),
+    ("5", 0.0, 0.0),
 ])
-def test_format_gate(response, expected):
+def test_format_gate_and_first_answer(response, expected, strict):
     assert outcome_reward(response, "5", "numerical") == expected
+    assert outcome_reward(response, "5", "numerical", strict_format=True) == strict
 
 
-def test_format_gate_agrees_with_the_reference_regex_on_token_soup():
+def test_an_empty_answer_passes_the_gate_and_is_scored_as_empty():
+    empty = "<think>a</think><answer></answer>"
+    assert has_think_answer_format(empty) and extract_answer(empty) == ""
+    for problem_type in ("numerical", "multiple choice", "free-form", "text"):
+        assert outcome_reward(empty, "B", problem_type) == 0.0
+    assert outcome_reward(empty, "B", "OCR") == pytest.approx(math.exp(-1.0))  # every reference word deleted
+
+
+def test_format_gates_agree_with_their_regexes_on_token_soup():
     rng = random.Random(0)
     tokens = ["<think>", "</think>", "<answer>", "</answer>", " ", "\n", "\u2003", "\x1c", "x", "<", ">", "</"]
     for _ in range(4000):
         text = "".join(rng.choice(tokens) for _ in range(rng.randint(0, 9)))
         if rng.random() < 0.7:  # most random texts fail at the first or last character: make those pass
-            text = "<think>" + text + "</answer>"
+            text = "<think>" + text + ("</answer>" if rng.random() < 0.7 else "")
         assert has_think_answer_format(text) == bool(REFERENCE_FORMAT.fullmatch(text)), repr(text)
+        assert has_think_answer_format(text, strict=True) == bool(STRICT_FORMAT.fullmatch(text)), repr(text)
+        reference = REFERENCE_ANSWER.search(text)
+        assert extract_answer(text) == (reference.group(1) if reference else None), repr(text)
 
 
-def test_extract_answer_takes_the_last_answer():
-    assert extract_answer("<answer>1</answer> then <answer>2</answer>") == "2"
-    assert extract_answer("<think>I could write <answer>3</answer></think><answer>4</answer>") == "4"
+def test_extract_answer_takes_the_first_answer_or_with_last_the_last():
+    assert extract_answer("<answer>1</answer> then <answer>2</answer>") == "1"
+    assert extract_answer("<answer>1</answer> then <answer>2</answer>", last=True) == "2"
+    assert extract_answer("<think>I could write <answer>3</answer></think><answer>4</answer>") == "3"
+    assert extract_answer("<answer>a<answer>b</answer>c</answer>") == "a<answer>b"
+    assert extract_answer("<answer>a<answer>b</answer>c</answer>", last=True) == "b</answer>c"
+    assert extract_answer("</answer><answer>x</answer>") == "x"
+    assert extract_answer("<answer>x<answer>") is None
     assert extract_answer("<answer></answer>") == ""
     assert extract_answer("no tags") is None
     assert extract_answer("</answer><answer>") is None
+    assert extract_answer("</answer><answer>", last=True) is None
+
+
+def test_parity_with_the_reference_rules_on_generated_cases():
+    """tests/utils/format_parity_cases.jsonl: verdict, answer and R^o of the reference's rules
+    (tests/utils/make_format_parity_cases.py)."""
+    with open(os.path.join(os.path.dirname(__file__), "format_parity_cases.jsonl"), encoding="utf-8") as f:
+        cases = [json.loads(line) for line in f]
+    assert len(cases) > 600 and 150 < sum(case["format"] for case in cases) < len(cases) - 150
+    for case in cases:
+        response = case["response"].replace("$", "")
+        assert has_think_answer_format(response) == case["format"], case
+        assert extract_answer(response) == case["answer"], case
+        assert outcome_reward(case["response"], case["truth"], "numerical") == case["reward"], case
+
+
+def test_wrapped_ground_truth_takes_its_first_answer():
+    assert outcome_reward(wrap("5"), "<answer>5</answer> or <answer>6</answer>", "numerical") == 1.0
+    assert outcome_reward(wrap("6"), "<answer>5</answer> or <answer>6</answer>", "numerical") == 0.0
 
 
 # --- shared rules: $, wrapped ground truth, length cap, unknown type --------------------------------------

@@ -5,6 +5,7 @@ outputs must never stall training). Hypothesis examples are timed too but only r
 loaded CI machine cannot make the property tests flaky.
 """
 import math
+import re
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from utils.prompts import PROBLEM_TYPES
-from utils.rewards import extract_answer, outcome_reward, parse_score
+from utils.rewards import extract_answer, has_think_answer_format, outcome_reward, parse_score
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -91,13 +92,13 @@ def check_score(score):
 
 
 def check_extracted(text, answer):
-    """extract_answer's contract: the content of the LAST <answer>...</answer>, i.e. between the last </answer>
-    and the last <answer> before it."""
-    end = text.rfind("</answer>")
+    """extract_answer's contract: the content of the FIRST <answer>...</answer> (the reference's re.search), i.e.
+    from the first <answer> to the first </answer> after it."""
+    start = text.find("<answer>")
     if answer is None:
-        assert end == -1 or "<answer>" not in text[:end]
+        assert start == -1 or "</answer>" not in text[start + 8:]
     else:
-        assert text[:end].endswith("<answer>" + answer) and "<answer>" not in answer
+        assert start != -1 and text[start + 8:].startswith(answer + "</answer>") and "</answer>" not in answer
 
 
 # --- the adversarial list: the 50 ms bound is asserted per call ---------------------------------------------
@@ -167,3 +168,19 @@ def test_parse_score_on_generated_strings(text):
 def test_extract_answer_on_generated_strings(text):
     answer, _ = timed("extract_answer (hypothesis)", extract_answer, text)
     check_extracted(text, answer)
+
+
+# the reference's own regexes (verl/utils/reward_score/math.py of SophiaVL-R1), on strings short enough for
+# their backtracking
+REFERENCE_FORMAT = re.compile(r"<think>(.*?)</think>.*<answer>(.*?)</answer>.*", re.DOTALL)
+REFERENCE_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+TAG_SOUP = st.lists(st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "<", ">", "/", "x", " ", "\n"]),
+                    max_size=14).map("".join)
+
+
+@FUZZ
+@given(text=st.one_of(TAG_SOUP, TAG_SOUP.map(lambda t: "<think>" + t)))
+def test_format_and_answer_are_the_reference_regexes(text):
+    assert has_think_answer_format(text) == bool(REFERENCE_FORMAT.fullmatch(text))
+    reference = REFERENCE_ANSWER.search(text)
+    assert extract_answer(text) == (reference.group(1) if reference else None)
