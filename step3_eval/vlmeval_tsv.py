@@ -16,7 +16,7 @@ import os
 import string
 
 from utils.cli import InputError
-from utils.prompts import PROBLEM_TYPES
+from utils.prompts import PROBLEM_TYPES, check_image_placeholders
 
 MAX_REFERENCE_CHARS = 64  # VLMEvalKit's rule: a shorter image cell names a row, a real base64 image is longer
 REQUIRED_COLUMNS = ("index", "question", "answer")
@@ -161,6 +161,7 @@ def _normalise(record, name, option_letters, images, image_owner, where):
         raise InputError(f"{where}: unknown problem_type {problem_type!r} (known: {', '.join(PROBLEM_TYPES)})")
     if problem_type == "multiple choice" and not options:
         raise InputError(f"{where}: multiple choice row without options (columns A, B, ...)")
+    check_image_placeholders(question, len(images), where)
     return {
         "id": record["index"],
         "dataset": name,

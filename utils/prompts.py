@@ -71,6 +71,7 @@ EVAL_SYSTEM_PROMPT = (
 )
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+IMAGE_PLACEHOLDER = "<image>"
 
 
 def _fill(template, values):
@@ -119,11 +120,32 @@ def _user_message(text, num_images):
     return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
 
 
+def check_image_placeholders(prompt, num_images, where):
+    """A prompt that marks where its images go with "<image>" (EasyR1-style rows) needs one mark per image."""
+    count = prompt.count(IMAGE_PLACEHOLDER)
+    if count and count != num_images:
+        raise InputError(f"{where}: the prompt holds {count} {IMAGE_PLACEHOLDER} placeholder(s) but the row has "
+                         f"{num_images} image(s)")
+
+
+def _policy_user_message(text, num_images):
+    """Each image part where its "<image>" stands, the placeholder text dropped; images first without any."""
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) == 1:
+        return _user_message(text, num_images)
+    check_image_placeholders(text, num_images, "policy prompt")
+    content = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+    for piece in pieces[1:]:
+        content += [{"type": "image"}] + ([{"type": "text", "text": piece}] if piece else [])
+    return {"role": "user", "content": content}
+
+
 def policy_messages(problem, problem_type, options=None, num_images=0, system_prompt=None, template="train",
                     hint=None):
     """Chat messages for the policy. template="train": the thinking template, system message only when given;
     template="eval": EVAL_SYSTEM_PROMPT (or `system_prompt` when given) and VLMEvalKit-style options.
-    A `hint` (VLMEvalKit TSVs' hint column) goes before the problem as "Hint: ...\n" in both templates."""
+    A `hint` (VLMEvalKit TSVs' hint column) goes before the problem as "Hint: ...\n" in both templates.
+    Images go where the text's "<image>" placeholders stand (one per image), else before the text."""
     if template == "train":
         text = format_question(f"Hint: {hint}\n{problem}" if hint else problem, problem_type, options)
     elif template == "eval":
@@ -132,7 +154,7 @@ def policy_messages(problem, problem_type, options=None, num_images=0, system_pr
         system_prompt = system_prompt or EVAL_SYSTEM_PROMPT
     else:
         raise InputError(f"unknown prompt template {template!r}; expected 'train' or 'eval'")
-    messages = [_user_message(text, num_images)]
+    messages = [_policy_user_message(text, num_images)]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages

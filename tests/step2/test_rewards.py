@@ -218,6 +218,7 @@ def test_outcome_rewards_honour_max_answer_chars():
 def test_outcome_rewards_use_the_reference_gate_unless_strict_format():
     rows = [{"answer": "A", "problem_type": "multiple choice"}]
     texts = ["<think>hmm</think><answer>A</answer>.", "<think>hmm</think> so <answer>A</answer>",
-             "<think>hmm</think><answer>A</answer><answer>C</answer>", "<think>hmm</think><answer>C</answer><answer>A</answer>"]
+             "<think>hmm</think><answer>A</answer><answer>C</answer>",
+             "<think>hmm</think><answer>C</answer><answer>A</answer>"]
     assert outcome_rewards(texts, rows, 4, 4096) == [1.0, 1.0, 1.0, 0.0]
     assert outcome_rewards(texts, rows, 4, 4096, strict_format=True) == [0.0, 0.0, 0.0, 1.0]

@@ -180,6 +180,8 @@ def malformed(tmp_path, case):
                                ["row 0 (index 5)", "image file not found", "gone.png"]),
         "unreadable image file": ([{"index": 5, "question": "Q", "answer": "1", "image_path": "junk.png"}],
                                   ["row 0 (index 5)", "junk.png is no readable image"]),
+        "placeholders without images": ([good, dict(second, question="<image> or <image>?")],
+                                        ["row 1 (index 1)", "holds 2 <image> placeholder(s) but the row has 1 image"]),
     }[case]
     (tmp_path / "junk.png").write_text("not a png")
     return write_tsv(tmp_path / f"{case.replace(' ', '_')}.tsv", rows), expected
@@ -187,7 +189,7 @@ def malformed(tmp_path, case):
 
 MALFORMED = ["no question column", "no answer column", "bad base64", "not an image", "bad image list",
              "reference to a missing index", "empty answer", "options skip a letter", "repeated index",
-             "unknown problem type", "missing image file", "unreadable image file"]
+             "unknown problem type", "missing image file", "unreadable image file", "placeholders without images"]
 
 
 @pytest.mark.parametrize("case", MALFORMED)

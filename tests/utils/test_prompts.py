@@ -154,3 +154,41 @@ def test_to_openai_messages_round_trips_pixels_in_order():
 def test_to_openai_messages_needs_one_image_per_placeholder():
     with pytest.raises(InputError, match="2 image placeholders but 1 images"):
         to_openai_messages(trm_messages("Q", "R", 2), [Image.new("RGB", (2, 2))])
+
+
+# --- <image> placeholders (EasyR1-style rows) ------------------------------------------------------------------
+
+def test_policy_messages_put_each_image_where_its_placeholder_stands():
+    messages = policy_messages("Left: <image>, right: <image>. Which is red?", "text", num_images=2)
+    assert messages[0]["content"] == [
+        {"type": "text", "text": "Left: "}, {"type": "image"}, {"type": "text", "text": ", right: "}, {"type": "image"},
+        {"type": "text", "text": ". Which is red?\n" + BODY + SUFFIXES["text"]}]
+    # a leading or doubled placeholder leaves no empty text part; the eval template places them too
+    assert policy_messages("<image><image>\nQ", "numerical", num_images=2)[0]["content"] == [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "\nQ\n" + BODY + SUFFIXES["numerical"]}]
+    assert policy_messages("In <image>, what?", "numerical", num_images=1, template="eval")[1]["content"] == [
+        {"type": "text", "text": "In "}, {"type": "image"}, {"type": "text", "text": ", what?"}]
+
+
+def test_policy_messages_with_more_or_fewer_placeholders_than_images_is_an_input_error():
+    with pytest.raises(InputError, match=r"holds 2 <image> placeholder\(s\) but the row has 1 image\(s\)"):
+        policy_messages("<image> or <image>?", "text", num_images=1)
+    with pytest.raises(InputError, match=r"holds 1 <image> placeholder\(s\) but the row has 3 image\(s\)"):
+        policy_messages("<image>?", "text", num_images=3)
+
+
+def test_the_chat_template_puts_the_vision_tokens_at_the_placeholders(tiny_assets):
+    """What both engines tokenize (processor.apply_chat_template): each image's vision tokens where its <image>
+    stood: the first image (square, 8x8 patches) first, the second (tall, 12x6 once the processor's pixel bounds
+    resize it) second."""
+    from utils.model import chat_inputs, load_processor
+
+    processor = load_processor(tiny_assets["model"])
+    images = [Image.new("RGB", (112, 112), (255, 0, 0)), Image.new("RGB", (56, 112), (0, 0, 255))]
+    messages = policy_messages("Left: <image>, right: <image>. Which is red?", "text", num_images=2)
+    inputs = chat_inputs(processor, [messages], [images])
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8], [1, 12, 6]]
+    text = processor.tokenizer.decode(inputs["input_ids"][0])
+    pads = lambda count: "<|vision_start|>" + "<|image_pad|>" * count + "<|vision_end|>"  # noqa: E731
+    assert f"<|im_start|>user\nLeft: {pads(16)}, right: {pads(18)}. Which is red?\n" in text
+    assert "<image>" not in text
