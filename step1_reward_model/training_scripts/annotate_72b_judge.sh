@@ -13,7 +13,7 @@ mkdir -p "$OUTPUT"
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 
 vllm serve "$JUDGE" --served-model-name judge --port "$PORT" --tensor-parallel-size 8 \
-  --max-model-len 8192 --limit-mm-per-prompt '{"image":2,"video":0}' --max-num-seqs 128 \
+  --max-model-len 8192 --limit-mm-per-prompt '{"image":2,"video":0}' --max-num-seqs 128 --generation-config vllm \
   &> "$OUTPUT/judge_server.log" &
 SERVER=$!
 trap 'kill -TERM "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true' EXIT INT TERM

