@@ -17,3 +17,20 @@ def tiny_assets(tmp_path_factory):
     from build_tiny_assets import build
 
     return build(str(tmp_path_factory.mktemp("tiny")), seed=0, num_train=200, num_test=40)
+
+
+@pytest.fixture(scope="session")
+def real_shaped_model(tmp_path_factory):
+    """A tiny random-init Qwen2.5-VL laid out like Qwen2.5-VL-7B-Instruct (untied lm_head): the
+    release's config files and real vocabulary (demo/real_shaped_model.py). Returns its folder."""
+    from demo.real_shaped_model import build_real_shaped
+
+    return build_real_shaped(str(tmp_path_factory.mktemp("real_shaped") / "model"), tied=False)
+
+
+@pytest.fixture(scope="session")
+def real_shaped_judge(tmp_path_factory):
+    """The same at Qwen2.5-VL-3B-Instruct's shape (tied lm_head), the TRM's base. Returns its folder."""
+    from demo.real_shaped_model import build_real_shaped
+
+    return build_real_shaped(str(tmp_path_factory.mktemp("real_shaped") / "judge"), tied=True)
