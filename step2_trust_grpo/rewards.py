@@ -2,7 +2,7 @@
 
 Completions are laid out group by group: the N samples of prompt k are entries k*N .. k*N+N-1.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from utils.rewards import outcome_reward
 from utils.trust import trust_rewards
@@ -74,3 +74,22 @@ def final_rewards(outcome: list[float], thinking: list[float], num_generations: 
         rewards += group_rewards
         gammas.append(gamma)
     return rewards, gammas
+
+
+def overlong_penalties(lengths: list[int], max_completion_length: int, buffer: int, penalty: float) -> list[float]:
+    """DAPO's soft overlong punishment, to add to the final rewards: 0 up to max_completion_length - buffer
+    tokens, then falling linearly to -penalty at max_completion_length (and beyond)."""
+    start = max_completion_length - buffer
+    return [-penalty * min(max(length - start, 0), buffer) / buffer for length in lengths]
+
+
+def truncated(token_ids: list[list[int]], max_completion_length: int, stop_ids: set) -> list[bool]:
+    """Completions cut at the length cap: max_completion_length tokens or more, the last not a stop token
+    (both engines keep the stop token the policy chose)."""
+    return [len(ids) >= max_completion_length and (not ids or ids[-1] not in stop_ids) for ids in token_ids]
+
+
+def merge_thinking_stats(stats: list[ThinkingStats]) -> ThinkingStats:
+    """One step's judge statistics over its --dynamic-sampling rounds."""
+    return ThinkingStats(**{f.name: sum((getattr(s, f.name) for s in stats), [] if f.name in ("latencies", "errors")
+                                        else 0) for f in fields(ThinkingStats)})
