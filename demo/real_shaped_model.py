@@ -110,8 +110,8 @@ def byte_to_unicode() -> dict[int, str]:
 
 def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """The merge that made each token: tiktoken's BPE on the token's bytes, using only lower ranks,
-    stops at two pieces. One merge per token, in rank order, as the release's tokenizer.json has
-    (listing every split whose pieces are tokens would add ties tiktoken breaks leftmost-first)."""
+    stops at two pieces. One merge per token (151,387), in rank order, as the release's
+    tokenizer.json has; transformers' TikTokenConverter lists every split instead (294k)."""
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) == 1:
