@@ -21,22 +21,26 @@ def generation_prompt_last_token(processor) -> int:
     return processor.tokenizer(text, add_special_tokens=False)["input_ids"][-1]
 
 
-def reply_chain(processor, reply: str) -> list[int]:
-    """[prompt's last token, reply tokens..., end-of-turn token]; each piece one token, all distinct."""
+def reply_chain(processor, reply: str, end: str = "<|im_end|>", then: str = "") -> list[int]:
+    """[prompt's last token, reply tokens..., `end` token, `then` tokens...]; all distinct. `then` is what the
+    model goes on to say after `end` when an engine does not stop there."""
     tokenizer = processor.tokenizer
     reply_ids = tokenizer.encode(reply, add_special_tokens=False)
     assert tokenizer.decode(reply_ids) == reply, f"{reply!r} does not round-trip through the tokenizer"
-    chain = [generation_prompt_last_token(processor), *reply_ids, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    chain = [generation_prompt_last_token(processor), *reply_ids, tokenizer.convert_tokens_to_ids(end),
+             *tokenizer.encode(then, add_special_tokens=False)]
     assert len(set(chain)) == len(chain), f"chain tokens must be distinct: {[tokenizer.decode([i]) for i in chain]}"
     return chain
 
 
-def scripted_model(base_dir: str, out_dir: str, reply: str = "<think>x</think><answer>B</answer>") -> str:
-    """Write to `out_dir` a copy of the model in `base_dir` that greedily answers `reply` to any prompt."""
+def scripted_model(base_dir: str, out_dir: str, reply: str = "<think>x</think><answer>B</answer>",
+                   end: str = "<|im_end|>", then: str = "") -> str:
+    """Write to `out_dir` a copy of the model in `base_dir` that greedily answers `reply` to any prompt, then
+    `end`, then `then`."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(base_dir)
-    chain = reply_chain(processor, reply)
+    chain = reply_chain(processor, reply, end, then)
     base = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32)
     config = AutoConfig.from_pretrained(base_dir)
     config.tie_word_embeddings = False

@@ -44,7 +44,7 @@ def stop_token_ids(model) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def hf_generation_config(model, processor, sampling: Sampling):
+def hf_generation_config(model, processor, sampling: Sampling, **extra):
     """A GenerationConfig with every field that shapes the distribution set, so none comes from the checkpoint
     (transformers fills the unset fields of a call's config from the model's generation_config.json)."""
     from transformers import GenerationConfig
@@ -61,6 +61,7 @@ def hf_generation_config(model, processor, sampling: Sampling):
         top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p,
         repetition_penalty=sampling.repetition_penalty,
         suppress_tokens=placeholder_token_ids(processor),
+        **extra,
     )
     return GenerationConfig(**fields)
 
@@ -73,9 +74,9 @@ def hf_generate(model, processor, batch_messages: list, batch_images: list, samp
     distribution each token was drawn from, after temperature / top-k / top-p). The ids end with the stop token
     when the model emitted one (it is part of what the policy chose); padding is removed."""
     inputs = chat_inputs(processor, batch_messages, batch_images).to(model.device)
-    output = model.generate(**inputs, generation_config=hf_generation_config(model, processor, sampling),
-                            num_return_sequences=num_return_sequences, return_dict_in_generate=True,
-                            output_scores=return_logps)
+    config = hf_generation_config(model, processor, sampling, num_return_sequences=num_return_sequences,
+                                  return_dict_in_generate=True, output_scores=return_logps)
+    output = model.generate(**inputs, generation_config=config)
     completion_ids = output.sequences[:, inputs["input_ids"].shape[1]:].tolist()
     stops = set(stop_token_ids(model))
     token_ids = [_until_stop(ids, stops, processor.tokenizer.pad_token_id) for ids in completion_ids]
