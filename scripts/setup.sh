@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install everything this repo needs. Idempotent: reruns are quick no-ops
 # unless a requirements file changed. Usage: bash scripts/setup.sh [--gpu]
+# --gpu: PyPI's CUDA torch==2.13.0 and the vllm that pins it (requirements-gpu.txt); flash-attn is an optional
+# step after it (requirements-flash-attn.txt, docs/gpu_install.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
@@ -24,6 +26,8 @@ if [ "$target" = cpu ]; then
   "$venv/bin/python" -m pip uninstall --quiet -y torchaudio torchcodec triton 2>/dev/null || true
   "$venv/bin/python" scripts/patch_torchvision.py
 fi
+# every requirement agrees on torch 2.13.0; any other here means a pin drifted (vllm pins torch exactly)
+"$venv/bin/python" -c "import sys, torch; v = torch.__version__.split('+')[0]; v == '2.13.0' or sys.exit(f'setup: torch {v} was installed, not 2.13.0: check the pins in requirements*.txt')"
 "$venv/bin/python" -c "import torch, transformers, deepspeed; print('setup: torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
 rm -f "$venv"/.setup-*
 touch "$stamp"

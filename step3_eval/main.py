@@ -51,7 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--min-pixels", type=int, default=None)
     parser.add_argument("--max-pixels", type=int, default=None)
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    parser.add_argument("--attn-implementation", default="sdpa", help="sdpa, or flash_attention_2 on GPUs")
+    parser.add_argument("--attn-implementation", default="auto",
+                        help="auto: flash_attention_2 on CUDA when flash_attn imports, else sdpa (hf backend)")
     parser.add_argument("--max-model-len", type=int, default=8192, help="vllm backend: context length")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm backend")
     parser.add_argument("--max-answer-chars", type=int, default=4096, help="longer answers score 0")

@@ -1,4 +1,7 @@
 """Loading the policy / TRM and its processor, and turning chat messages into model inputs."""
+import importlib
+import logging
+
 import torch
 
 from utils.cli import InputError
@@ -42,12 +45,33 @@ def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | N
     return processor
 
 
-def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa", hf_ds_config=None):
-    """AutoModelForImageTextToText in `dtype`. Under ZeRO-3 pass `hf_ds_config` (a
-    transformers HfDeepSpeedConfig): transformers then loads the weights straight into shards, but
+def _flash_attn_importable() -> bool:
+    try:  # a real import: a wheel built for another torch is installed but fails to load its CUDA library
+        importlib.import_module("flash_attn")
+    except Exception:
+        return False
+    return True
+
+
+def resolve_attn_implementation(name: str) -> str:
+    """--attn-implementation: "auto" is flash_attention_2 where CUDA is there and flash_attn imports, else sdpa
+    (flash-attn is an optional install, docs/gpu_install.md); any other name goes to transformers as it is."""
+    if name == "auto":
+        return "flash_attention_2" if torch.cuda.is_available() and _flash_attn_importable() else "sdpa"
+    if name == "flash_attention_2" and not _flash_attn_importable():
+        raise InputError("--attn-implementation flash_attention_2 needs the flash_attn package, which does not import "
+                         "here: install requirements-flash-attn.txt, or use auto (sdpa without it)")
+    return name
+
+
+def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "auto", hf_ds_config=None):
+    """AutoModelForImageTextToText in `dtype`, attention by resolve_attn_implementation. Under ZeRO-3 pass
+    `hf_ds_config` (a transformers HfDeepSpeedConfig): transformers then loads the weights straight into shards, but
     only while that object is alive, so we keep a reference on the model."""
     from transformers import AutoModelForImageTextToText
 
+    attn_implementation = resolve_attn_implementation(attn_implementation)
+    logging.getLogger(__name__).info("attention implementation: %s", attn_implementation)
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as err:
@@ -99,7 +123,9 @@ def add_model_arguments(group) -> None:
     group.add_argument("--min-pixels", type=int, default=3136, help="image size floor (pixels) for the processor")
     group.add_argument("--max-pixels", type=int, default=1003520, help="image size cap (pixels) for the processor")
     group.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    group.add_argument("--attn-implementation", default="sdpa", help="flash_attention_2 on GPUs")
+    group.add_argument("--attn-implementation", default="auto",
+                       help="auto: flash_attention_2 on CUDA when flash_attn imports, else sdpa; or any name "
+                            "transformers knows (sdpa, eager, flash_attention_2)")
     group.add_argument("--gradient-checkpointing", action="store_true")
     group.add_argument("--freeze-vision-tower", action="store_true")
 

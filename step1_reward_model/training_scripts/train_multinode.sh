@@ -19,7 +19,7 @@ deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${M
   --model-path "$MODEL" --train-data "$TRAIN" --output-dir "$OUTPUT" \
   --epochs 2 --learning-rate 1e-5 --warmup-ratio 0.03 \
   --micro-batch-size 4 --gradient-accumulation-steps 2 --dtype bfloat16 \
-  --attn-implementation flash_attention_2 --gradient-checkpointing \
+  --attn-implementation auto --gradient-checkpointing \
   --min-pixels 3136 --max-pixels 1003520 \
   --eval-split-fraction 0.01 --eval-every 250 --eval-max-samples 512 --save-every 500 "$@" \
   &> "$OUTPUT/training.log"

@@ -16,7 +16,7 @@ deepspeed --num_gpus "${NUM_GPUS:-8}" "$REPO/step1_reward_model/main.py" \
   --model-path "$MODEL" --train-data "$TRAIN" --output-dir "$OUTPUT" \
   --epochs 2 --learning-rate 1e-5 --warmup-ratio 0.03 --weight-decay 0.0 \
   --micro-batch-size 4 --gradient-accumulation-steps 4 --dtype bfloat16 \
-  --attn-implementation flash_attention_2 --gradient-checkpointing \
+  --attn-implementation auto --gradient-checkpointing \
   --min-pixels 3136 --max-pixels 1003520 \
   --eval-split-fraction 0.01 --eval-every 250 --eval-max-samples 512 --save-every 500 "$@" \
   &> "$OUTPUT/training.log"

@@ -16,6 +16,6 @@ deepspeed --hostfile "$HOSTFILE" step2_trust_grpo/main.py \
   --model-path "$MODEL" --registry "$REGISTRY" --data-path "$DATA" --output-dir "$OUTPUT" \
   --trm-url "$TRM_URL" --rollout-engine vllm --vllm-gpu-memory-utilization 0.4 --vllm-sleep-mode \
   --num-generations 8 --rollout-batch-size 256 --micro-batch-size 4 --max-completion-length 1024 \
-  --min-pixels 3136 --max-pixels 1003520 --dtype bfloat16 --attn-implementation flash_attention_2 \
+  --min-pixels 3136 --max-pixels 1003520 --dtype bfloat16 --attn-implementation auto \
   --gradient-checkpointing --learning-rate 5e-7 --kl-coef 0.04 --max-steps 1500 --save-every 100 \
   "$@" &> "$OUTPUT/training.log"

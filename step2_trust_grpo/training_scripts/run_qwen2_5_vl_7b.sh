@@ -18,6 +18,6 @@ deepspeed --num_gpus "${NUM_GPUS:-8}" step2_trust_grpo/main.py \
   --rollout-engine vllm --vllm-gpu-memory-utilization 0.4 --vllm-sleep-mode \
   --num-generations 8 --rollout-batch-size 128 --micro-batch-size 4 \
   --max-prompt-length 4096 --max-completion-length 1024 --min-pixels 3136 --max-pixels 1003520 \
-  --dtype bfloat16 --attn-implementation flash_attention_2 --gradient-checkpointing \
+  --dtype bfloat16 --attn-implementation auto --gradient-checkpointing \
   --learning-rate 5e-7 --kl-coef 0.04 --entropy-coef 1e-3 --alpha 0.3 --max-steps 1500 \
   --save-every 100 --sample-every 10 "$@" &> "$OUTPUT/training.log"

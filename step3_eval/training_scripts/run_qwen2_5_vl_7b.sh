@@ -13,4 +13,4 @@ deepspeed --num_gpus "${NUM_GPUS:-8}" step3_eval/main.py \
   --model-path "$MODEL" --registry "$REGISTRY" --data-path "$DATA" \
   --output-dir "$OUTPUT" --backend vllm --prompt-template eval \
   --batch-size 64 --max-new-tokens 2048 --max-model-len 16384 --dtype bfloat16 \
-  --min-pixels 3136 --max-pixels 1003520 --attn-implementation flash_attention_2 &> "$OUTPUT/eval.log"
+  --min-pixels 3136 --max-pixels 1003520 --attn-implementation auto &> "$OUTPUT/eval.log"
