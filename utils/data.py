@@ -6,15 +6,17 @@ Relative paths resolve against the registry's folder; a missing image_base_path 
 import functools
 import io
 import json
+import logging
 import math
 import os
 import random
 import re
 
 from utils.cli import InputError
-from utils.prompts import PROBLEM_TYPES
+from utils.prompts import PROBLEM_TYPES, check_image_placeholders
 
 DATA_EXTENSIONS = (".json", ".jsonl", ".parquet")
+logger = logging.getLogger(__name__)
 
 
 def load_registry(registry_file):
@@ -73,6 +75,12 @@ def load_rows(data_path, registry_file):
     return rows
 
 
+def max_images_per_prompt(data_path, registry_file):
+    """The most images any row of these datasets has, at least 1: the images-per-request cap a TRM server
+    needs for step 2's requests, which carry all of a prompt's images."""
+    return max([1] + [len(row["images"]) for row in load_rows(data_path, registry_file)])
+
+
 def open_images(row):
     """Decode a row's images (from bytes or path) into RGB PIL images, in order."""
     from PIL import Image
@@ -85,6 +93,51 @@ def open_images(row):
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises on bad files
             raise InputError(f"dataset {row['dataset']}, row id {row['id']}: cannot read image {ref['path']} ({err})")
     return images
+
+
+class ReadableRows:
+    """Opens the images of the rows a step uses, replacing a row whose images cannot be decoded.
+
+    A JPEG cut short inside its pixel data passes the load-time verify() and fails only here. Dropping it would leave
+    its rank with fewer prompts than the others (ZeRO-3's collectives need the same micro-batches on every rank), and
+    failing would meet it again on resume. Its replacement is the next row of the data (index + 1, + 2, ...,
+    wrapping) that has images and whose images decode: a function of the data alone, so every rank and a resumed
+    run pick the same one. Each bad row is warned about once and not decoded again; `replaced` counts every
+    replacement (data/bad_rows). fatal=True raises the InputError instead.
+    """
+
+    def __init__(self, rows: list, fatal: bool = False):
+        self.rows, self.fatal = rows, fatal
+        self.index = {id(row): i for i, row in enumerate(rows)}
+        self.unreadable = set()
+        self.replaced = 0
+
+    def open(self, picked: list) -> tuple[list, list]:
+        """(rows, images) for `picked` (rows of self.rows), each bad row swapped for its replacement; images as
+        open_images returns them."""
+        used, images = [], []
+        for row in picked:
+            start, errors = self.index[id(row)], []
+            for offset in range(len(self.rows)):
+                candidate = self.rows[(start + offset) % len(self.rows)]
+                if id(candidate) in self.unreadable or (offset and not candidate["images"]):
+                    continue
+                try:
+                    images.append(open_images(candidate))
+                    break
+                except InputError as err:
+                    if self.fatal:
+                        raise
+                    self.unreadable.add(id(candidate))
+                    errors.append(str(err))
+            else:
+                raise InputError(f"dataset {row['dataset']}: no row with images left that can be read")
+            used.append(candidate)
+            self.replaced += candidate is not row
+            for error in errors:
+                logger.warning("%s; replaced by row id %s (the next readable one; --fatal-bad-rows stops instead)",
+                               error, candidate["id"])
+        return used, images
 
 
 def _read_records(file_path):
@@ -169,6 +222,7 @@ def _normalise(record, index, name, entry):
         raise InputError(f"{where}: data_type is 'image' but no column maps to 'images' in the registry")
     else:
         images = []
+    check_image_placeholders(prompt, len(images), where)
     return {
         "id": str(problem_id) if problem_id is not None else f"{name}:{index}",
         "dataset": name,
