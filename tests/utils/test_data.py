@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from utils.cli import InputError
-from utils.data import load_registry, load_rows, open_images
+from utils.data import load_registry, load_rows, max_images_per_prompt, open_images
 
 SOPHIA_COLUMNS = {"problem": "prompt", "solution": "answer", "path": "images"}
 
@@ -241,11 +241,34 @@ def test_unreadable_parquet(tmp_path):
     (sophia_row(7, solution=""), "missing or empty answer \\(column 'solution'\\)"),
     (sophia_row(7, solution=None), "missing or empty answer \\(column 'solution'\\)"),
     (sophia_row(7, problem="  "), "missing or empty prompt \\(column 'problem'\\)"),
+    (sophia_row(7, problem="<image> left, <image> right?"),
+     "the prompt holds 2 <image> placeholder\\(s\\) but the row has 1 image\\(s\\)"),
+    (sophia_row(7, problem="<image> what?", data_type="text"),
+     "the prompt holds 1 <image> placeholder\\(s\\) but the row has 0 image\\(s\\)"),
 ])
 def test_bad_row_names_file_index_and_problem_id(tmp_path, bad_row, message):
     registry, data_file = sophia_json(tmp_path, [sophia_row(6), bad_row])
     with pytest.raises(InputError, match=re.escape(data_file) + r": row 1 \(0-based index, problem_id 7\): " + message):
         load_rows("sophia", registry)
+
+
+def test_prompts_with_one_placeholder_per_image_load_as_they_are(tmp_path):
+    for name in ("b1.png", "b2.png"):
+        write_png(tmp_path / "pics" / name, (0, 255, 0))
+    rows = [{"problem": "Left <image>, right <image>: same colour?", "answer": "yes", "images": ["b1.png", "b2.png"]},
+            {"problem": "<image>What colour?", "answer": "green", "images": ["b1.png"]},
+            {"problem": "No placeholder here", "answer": "green", "images": ["b1.png", "b2.png"]}]
+    (tmp_path / "easy.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    registry = write_registry(tmp_path, {"easy": {"file_path": "easy.jsonl", "image_base_path": "pics",
+                                                  "columns": {"problem": "prompt"}}})
+    loaded = load_rows("easy", registry)
+    assert [(r["prompt"], len(r["images"])) for r in loaded] == [(r["problem"], len(r["images"])) for r in rows]
+    assert max_images_per_prompt("easy", registry) == 2  # the TRM server's cap for this data
+
+
+def test_max_images_per_prompt_of_text_only_data_is_one(tmp_path):
+    registry, _ = sophia_json(tmp_path, [sophia_row(1, data_type="text"), sophia_row(2, data_type="text")])
+    assert max_images_per_prompt("sophia", registry) == 1
 
 
 def test_image_row_without_an_images_column(tmp_path):
