@@ -5,7 +5,7 @@ A random-init model cannot reason, so before RL the tiny run teaches it the
 `--correct-fraction` of the time and otherwise wrong in a *systematic* way (red -> green,
 3 -> 4, 6 + 3 -> 10, ...): the model then keeps real probability on the right answer while greedy
 decoding prefers the wrong one, which is what gives GRPO something to fix. Labels wrong at
-random leave RL nothing to gain (shared/notes/tiny-demo.md).
+random leave RL nothing to gain (docs/cpu_notes.md).
 
     python demo/warm_start.py --model DIR/model --train DIR/data/tiny_train.json --output OUT
 """

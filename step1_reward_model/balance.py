@@ -1,4 +1,4 @@
-"""Filter noisy judge labels and sample them evenly across the ten score intervals (SPEC.md, TRM data).
+"""Filter noisy judge labels and sample them evenly across the ten score intervals (docs/method.md, stage 1).
 
     python step1_reward_model/balance.py --input labels.jsonl --output trm_train.jsonl --cap 15000 --min 5000
 

@@ -1,4 +1,4 @@
-"""Step-2 command line. Defaults follow the paper (SPEC.md); the tiny launcher sets its own."""
+"""Step-2 command line. Defaults follow the paper (docs/method.md); the tiny launcher sets its own."""
 import argparse
 
 from utils.cli import InputError
@@ -11,7 +11,7 @@ VARIANTS = {  # the paper's Table 3, one switch each: (thinking reward, trust we
     "wo-trust-and-annealing": (True, False, False),
     "grpo": (False, False, False),
 }
-# --reference-parity: the reference code's departures from the paper (SPEC.md)
+# --reference-parity: the reference code's departures from the paper (docs/method.md, section 8)
 REFERENCE_HORIZON = 12_000
 REFERENCE_LR = 6e-7
 

@@ -4,7 +4,7 @@
 
 Each step: roll out N completions per prompt -> outcome rewards R^o and thinking rewards R^t (TRM
 server) -> Trust-GRPO rewards -> group-normalised advantages -> PPO-clip + k3-KL update -> push the
-new weights into the rollout engine. See SPEC.md for the method and its defaults.
+new weights into the rollout engine. See docs/method.md for the method and its defaults.
 """
 import os
 import random

@@ -1,4 +1,4 @@
-"""The prompts every stage shares, verbatim from the reference (SPEC.md), and the chat messages built from them.
+"""The prompts every stage shares, verbatim from the reference (docs/method.md), and the chat messages built from them.
 
 Messages are HF-style chat dicts with content parts ({"type": "image"} placeholders and one text part), the
 form processors' `apply_chat_template` and vLLM's `llm.chat` accept; `to_openai_messages` turns the image

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trust-GRPO on Qwen2.5-VL-7B-Instruct, one node of 8 GPUs, the paper's settings (SPEC.md):
+# Trust-GRPO on Qwen2.5-VL-7B-Instruct, one node of 8 GPUs, the paper's settings (docs/method.md):
 # 1,500 steps, N=8, lr 5e-7, KL 0.04, entropy 1e-3, alpha 0.3, annealing horizon = steps.
 # Start the TRM first (step1_reward_model/training_scripts/serve_vllm.sh) and pass its URL.
 # Usage: run_qwen2_5_vl_7b.sh MODEL REGISTRY DATA TRM_URL [OUTPUT] [extra flags, e.g. --variant wo-trust]

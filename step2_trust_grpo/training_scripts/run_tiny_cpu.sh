@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trust-GRPO on the tiny Qwen2.5-VL, 2 CPU processes, hf rollout engine, tiny hyperparameters
-# (shared/notes/tiny-demo.md: lr 1e-4, KL 0.05, 16 prompts x 8 samples, ~32 new tokens).
+# (docs/cpu_notes.md: lr 1e-4, KL 0.05, 16 prompts x 8 samples, ~32 new tokens).
 # Usage: run_tiny_cpu.sh MODEL REGISTRY OUTPUT [TRM_URL] [extra flags]
 #   without TRM_URL (or with "none") it trains the GRPO baseline (no thinking reward).
 set -euo pipefail

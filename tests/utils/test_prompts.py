@@ -8,7 +8,7 @@ from utils.cli import InputError
 from utils.prompts import (EVAL_SYSTEM_PROMPT, PROBLEM_TYPES, TRM_SYSTEM_PROMPT, TYPE_TEMPLATE, format_question,
                            policy_messages, to_openai_messages, trm_messages)
 
-# Written out again here (from SPEC.md) so a stray edit of the module's constants fails a test.
+# Written out again here (from the reference's prompts, docs/method.md section 9) so a stray edit of the module's constants fails a test.
 BODY = (
     "Please think about this question as if you were a human pondering deeply. Engage in an internal dialogue "
     "using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break it down', etc, or other "

@@ -1,6 +1,6 @@
 """Property-based and adversarial fuzzing of what reads model output: outcome_reward, parse_score, extract_answer.
 
-Never raise, always in [0, 1], and no call on the adversarial list slower than 50 ms (SPEC.md: degenerate
+Never raise, always in [0, 1], and no call on the adversarial list slower than 50 ms (docs/method.md: degenerate
 outputs must never stall training). Hypothesis examples are timed too but only reported, not asserted, so a
 loaded CI machine cannot make the property tests flaky.
 """
