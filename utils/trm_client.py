@@ -21,6 +21,11 @@ from utils.rewards import parse_score
 logger = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 300
+# vLLM's own sampling fields, sent with every request: a field a request leaves out is filled by `vllm serve`
+# from the judge checkpoint's generation_config.json (released Qwen2.5-VL: top_k 1, repetition_penalty 1.05,
+# which penalises the score digits for appearing in the judge's own prompt). The serve launchers also pass
+# --generation-config vllm. Other OpenAI-compatible APIs may reject these fields: vllm_sampling=False.
+VLLM_NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 @dataclass
@@ -105,13 +110,20 @@ def _short(text: object) -> str:
 
 
 class TRMClient:
-    """Scores (question, response, images) with a judge served behind /v1/chat/completions."""
+    """Scores (question, response, images) with a judge served behind /v1/chat/completions.
+
+    `max_images`: the server's images-per-request cap (vLLM's --limit-mm-per-prompt), None when unknown. vLLM
+    answers a request over it with HTTP 400 every time, so such a request is refused here, unsent: its result
+    is a failure naming the count and the cap, and the first refusal is logged."""
 
     def __init__(self, base_url: str, model: str, *, max_concurrency: int = 16, timeout_s: float = 60,
-                 max_retries: int = 3, backoff_s: float = 0.5, max_tokens: int = 16, temperature: float = 0.0):
+                 max_retries: int = 3, backoff_s: float = 0.5, max_tokens: int = 16, temperature: float = 0.0,
+                 vllm_sampling: bool = True, max_images: int | None = None):
         if max_concurrency < 1 or timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_tokens < 1:
             raise InputError("TRM client needs max_concurrency >= 1, timeout > 0, max_retries >= 0, "
                              "backoff >= 0 and max_tokens >= 1")
+        if max_images is not None and max_images < 0:
+            raise InputError(f"TRM client needs max_images >= 0 (or None: no cap), got {max_images}")
         self.base_url = normalize_base_url(base_url)
         self.model = model
         self.max_concurrency = max_concurrency
@@ -120,6 +132,9 @@ class TRMClient:
         self.backoff_s = backoff_s
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.vllm_sampling = vllm_sampling
+        self.max_images = max_images
+        self._refusal_logged = False
         self._loop = None
         self._client = None
         self._semaphore = None
@@ -148,6 +163,14 @@ class TRMClient:
         """`encoded`: a cache shared by the items of one batch (score_many), so shared images encode once."""
         self._bind_to_running_loop()
         start = time.monotonic()
+        if self.max_images is not None and len(images) > self.max_images:
+            error = (f"not sent: {len(images)} images, over the TRM server's cap of {self.max_images} per request "
+                     f"(serve it with --max-images {len(images)} or more)")
+            if not self._refusal_logged:
+                self._refusal_logged = True
+                logger.warning("TRM request %s; later ones over the cap are refused without a log line (each counts "
+                               "as a TRM failure)", error)
+            return ScoreResult(None, None, error, time.monotonic() - start, 0)
         # The semaphore covers the whole item (encoding, attempts, back-off), so at most
         # max_concurrency items hold requests at once.
         async with self._semaphore:
@@ -176,7 +199,9 @@ class TRMClient:
 
     async def _complete(self, messages: list[dict]) -> str:
         request = self._client.chat.completions.create(
-            model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=self.temperature)
+            model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=self.temperature,
+            top_p=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+            extra_body=VLLM_NEUTRAL_SAMPLING if self.vllm_sampling else None)
         try:
             # wait_for is a hard wall-clock bound; httpx's timeouts are per read, so a server
             # trickling bytes could otherwise hold a request forever.

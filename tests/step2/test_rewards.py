@@ -141,6 +141,17 @@ def test_one_failed_response_zeroes_only_its_own_group():
     assert len(judge.requests) == 9 + 1  # one retry of the failing request
 
 
+def test_a_prompt_over_the_trm_image_cap_zeroes_its_group_without_a_request():
+    # prompt 1 has two images; a server that takes one per request would answer each of its requests HTTP 400
+    with FakeJudge(scoring_judge) as judge:
+        thinking, stats = run(client_for(judge.url, max_images=1), [1.0, 0.0, 1.0] * 3)
+    assert thinking == pytest.approx([0.1, 0.2, 0.3, 0, 0, 0, 0.7, 0.8, 0.9])
+    assert (stats.calls, stats.failures, stats.failed_groups) == (9, 3, 1)
+    assert stats.errors == ["not sent: 2 images, over the TRM server's cap of 1 per request "
+                            "(serve it with --max-images 2 or more)"] * 3
+    assert sorted(response_in(body) for body in judge.requests) == TEXTS[:3] + TEXTS[6:]
+
+
 def test_an_unparsable_judge_answer_zeroes_its_group():
     def judge_babbling_once(body, index):
         return reply("no idea") if response_in(body) == TEXTS[8] else scoring_judge(body, index)

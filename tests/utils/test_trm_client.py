@@ -223,3 +223,26 @@ def test_score_many_encodes_each_shared_image_once_and_sends_it_with_every_item(
     assert [r.score for r in results] == [0.7] * 8 and len(encoded) == 2
     colours = [request_images(body)[0].getpixel((0, 0)) for body in judge.requests]
     assert sorted(colours) == [(0, 0, 255)] * 4 + [(255, 0, 0)] * 4
+
+
+def test_a_request_over_the_servers_image_cap_is_refused_unsent_and_logged_once(caplog):
+    def vllm_like(body, index):  # what vLLM answers a request over its --limit-mm-per-prompt
+        return status(400) if len(request_images(body)) > 2 else reply("<answer>0.5</answer>")
+
+    image = Image.new("RGB", (8, 8), "red")
+    items = [(f"question {i}", "response", [image] * count) for i, count in enumerate([1, 3, 2, 4])]
+    with FakeJudge(vllm_like) as judge, caplog.at_level(logging.WARNING, logger="utils.trm_client"):
+        results = client_for(judge, max_images=2).score_many_sync(items)
+    assert [(r.score, r.attempts) for r in results] == [(0.5, 1), (None, 0), (0.5, 1), (None, 0)]
+    assert results[1].error == ("not sent: 3 images, over the TRM server's cap of 2 per request "
+                                "(serve it with --max-images 3 or more)")
+    assert sorted(len(request_images(body)) for body in judge.requests) == [1, 2]  # the refused two never left
+    refusals = [record.getMessage() for record in caplog.records if "not sent" in record.getMessage()]
+    assert refusals == ["TRM request " + results[1].error + "; later ones over the cap are refused without a log "
+                        "line (each counts as a TRM failure)"]
+    # without the cap, the request goes out and gets vLLM's 400, which is not retried
+    with FakeJudge(vllm_like) as judge:
+        result = score_one(client_for(judge), images=[image] * 3)
+    assert result.score is None and result.error.startswith("HTTP 400 (not retried)") and len(judge.requests) == 1
+    with pytest.raises(InputError, match="max_images >= 0"):
+        client_for(judge, max_images=-1)
