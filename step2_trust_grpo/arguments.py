@@ -1,6 +1,7 @@
 """Step-2 command line. Defaults follow the paper (docs/method.md); the tiny launcher sets its own."""
 import argparse
 
+from step2_trust_grpo.loss import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 from utils.cli import InputError
 from utils.model import add_model_arguments
 from utils.trm_client import normalize_base_url
@@ -14,6 +15,7 @@ VARIANTS = {  # the paper's Table 3, one switch each: (thinking reward, trust we
 # --reference-parity: the reference code's departures from the paper (docs/method.md, section 8)
 REFERENCE_HORIZON = 12_000
 REFERENCE_LR = 6e-7
+GSPO_CLIP_EPS = (3e-4, 4e-4)  # low, high: the GSPO paper's, for its length-normalised sequence ratios
 
 
 def parse_args(argv=None):
@@ -24,6 +26,8 @@ def parse_args(argv=None):
     g.add_argument("--data-path", required=True, help="registry name(s) to train on, comma-separated")
     g.add_argument("--eval-data-path", default=None, help="registry name(s) for held-out validation")
     g.add_argument("--output-dir", required=True)
+    g.add_argument("--fatal-bad-rows", action="store_true",
+                   help="stop at a row whose image cannot be decoded (default: replace it by the next readable row)")
     add_model_arguments(g)
 
     g = p.add_argument_group("rollout")
@@ -32,12 +36,22 @@ def parse_args(argv=None):
     g.add_argument("--rollout-batch-size", type=int, default=128, help="prompts per step, all ranks together")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-prompt-length", type=int, default=4096, help="prompts longer than this (tokens) are skipped")
+    g.add_argument("--top-k", type=int, default=0, help="0: off")
+    g.add_argument("--min-p", type=float, default=0.0, help="0: off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="1: off. Every sampling setting goes to both engines explicitly; the checkpoint's "
+                        "generation_config.json (Qwen2.5-VL: temperature 0.1, top_k 1, repetition_penalty 1.05) "
+                        "is never used, only its stop tokens")
+    g.add_argument("--max-prompt-length", type=int, default=4096,
+                   help="longer prompts (tokens after the chat template, images included) are dropped at load time")
     g.add_argument("--max-completion-length", type=int, default=1024)
     g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.4)
     g.add_argument("--vllm-tensor-parallel-size", type=int, default=1)
     g.add_argument("--vllm-sleep-mode", action="store_true", help="GPU only: free vLLM's memory during the update")
     g.add_argument("--vllm-max-model-len", type=int, default=None, help="default: prompt + completion length")
+    g.add_argument("--warn-logp-gap", type=float, default=0.05,
+                   help="warn (once) when the mean per-token |log-prob| gap between the vllm engine and the "
+                        "trainer exceeds this (~1e-6 in fp32 when both see the same inputs)")
 
     g = p.add_argument_group("rewards (Trust-GRPO)")
     g.add_argument("--variant", choices=list(VARIANTS), default="full",
@@ -51,10 +65,16 @@ def parse_args(argv=None):
     g.add_argument("--trm-max-concurrency", type=int, default=64)
     g.add_argument("--trm-timeout", type=float, default=60.0, help="seconds per request")
     g.add_argument("--trm-max-retries", type=int, default=3)
+    g.add_argument("--trm-max-images", type=int, default=None,
+                   help="the TRM server's images-per-request cap (its --max-images): a request with more is not "
+                        "sent and counts as a TRM failure (default: no cap known)")
     g.add_argument("--trm-max-failure-rate", type=float, default=0.5,
                    help="abort when more TRM requests than this fraction fail over the last --trm-failure-window steps")
     g.add_argument("--trm-failure-window", type=int, default=3)
     g.add_argument("--max-answer-chars", type=int, default=4096)
+    g.add_argument("--strict-format", action="store_true",
+                   help="outcome reward: only whitespace between </think> and <answer>, nothing after the last "
+                        "</answer>, which is the one scored (default: the reference's gate, the first answer)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=1500, help="rollout + update steps")
@@ -63,15 +83,62 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--micro-batch-size", type=int, default=4, help="completions per forward pass, per rank")
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (TRL: num_iterations)")
-    g.add_argument("--clip-eps", type=float, default=0.2)
     g.add_argument("--kl-coef", type=float, default=0.04, help="beta; 0 skips the reference model")
     g.add_argument("--entropy-coef", type=float, default=1e-3)
-    g.add_argument("--loss-agg", choices=["token-mean", "seq-mean-token-mean"], default="token-mean")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--offload", action="store_true", help="ZeRO-3 offload of parameters and optimizer to CPU")
     g.add_argument("--zero-param-persistence-threshold", type=int, default=10_000,
                    help="0 shards every parameter (tests)")
     g.add_argument("--seed", type=int, default=42)
+
+    g = p.add_argument_group("GRPO variants (README: GRPO variants); the defaults are the paper's Trust-GRPO")
+    g.add_argument("--loss-agg", choices=LOSS_AGGREGATIONS, default="token-mean",
+                   help="token-mean: over each micro-batch's completion tokens (the reference); seq-mean-token-mean: "
+                        "over each completion's tokens, then over completions; seq-mean-token-sum-norm (Dr. GRPO): "
+                        "the step's token sum / (completions x --max-completion-length), TRL's constant (verl "
+                        "divides by --max-completion-length only); token-mean-global (DAPO): over every "
+                        "completion token of the step, all micro-batches and ranks together")
+    g.add_argument("--scale-rewards", choices=["group", "none"], default="group",
+                   help="advantages: group: (R - group mean) / (group std + 1e-6); none (Dr. GRPO): R - group mean")
+    g.add_argument("--clip-eps", type=float, default=None,
+                   help="symmetric clip, shorthand for equal --clip-eps-low/-high (default 0.2; with "
+                        "--importance-level sequence GSPO's 3e-4 / 4e-4)")
+    g.add_argument("--clip-eps-low", type=float, default=None, help="ratio clipped below at 1 - this")
+    g.add_argument("--clip-eps-high", type=float, default=None,
+                   help="ratio clipped above at 1 + this (DAPO's clip-higher: 0.28 with --clip-eps-low 0.2)")
+    g.add_argument("--importance-level", choices=IMPORTANCE_LEVELS, default="token",
+                   help="token: a ratio pi/pi_old per token (the reference); sequence (GSPO): every token gets its "
+                        "completion's length-normalised ratio, the geometric mean of its token ratios, clipped by "
+                        "--clip-eps-low/-high (then 3e-4 / 4e-4 by default) and aggregated by --loss-agg: "
+                        "seq-mean-token-mean is GSPO's objective, the others weight completions by length. The "
+                        "raw product of token ratios (the paper's eq. 7, docs/method.md) is not offered")
+    g.add_argument("--kl-estimator", choices=KL_ESTIMATORS, default="k3",
+                   help="per-token KL(pi || pi_ref): k1 log-ratio, k2 its square / 2, k3 the reference's low-variance "
+                        "estimator")
+    g.add_argument("--kl-in-reward", action="store_true",
+                   help="no KL loss term: subtract --kl-coef x the estimate summed over each completion's tokens "
+                        "(pi_old against the reference) from its final reward, after the trust weighting and "
+                        "before the group normalisation")
+    g.add_argument("--rollout-is", choices=["none", "tis"], default="none",
+                   help="tis: weight each token's policy loss by min(pi_old / pi_rollout, --rollout-is-cap), "
+                        "pi_rollout from the vllm engine's log-probs (truncated importance sampling)")
+    g.add_argument("--rollout-is-cap", type=float, default=2.0, help="C of --rollout-is tis (TIS and verl: 2)")
+    g.add_argument("--overlong-buffer", type=int, default=0,
+                   help="L of DAPO's soft overlong punishment: a completion longer than --max-completion-length - L "
+                        "tokens loses --overlong-penalty x (its length - (max - L)) / L from its reward, after the "
+                        "trust weighting, before the group normalisation (0: off)")
+    g.add_argument("--overlong-penalty", type=float, default=1.0, help="P of --overlong-buffer (DAPO: 1)")
+    g.add_argument("--mask-truncated", action="store_true",
+                   help="no loss (policy, KL, entropy) on completions cut at --max-completion-length without a stop "
+                        "token; their rewards still count in their group's mean and std")
+    g.add_argument("--dynamic-sampling", action="store_true",
+                   help="DAPO: drop the groups whose final reward (after trust weighting and overlong shaping, "
+                        "before a --kl-in-reward penalty) has zero spread, and draw more prompts until every rank "
+                        "has its share of --rollout-batch-size. Decided on the final reward, not the outcome: "
+                        "under Trust-GRPO a group of equal outcomes still has a thinking-reward spread")
+    g.add_argument("--dynamic-sampling-max-rounds", type=int, default=4,
+                   help="rounds of sampling per step, the first included; a rank still short after them fills "
+                        "its batch with zero-spread groups (counted)")
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--save-every", type=int, default=100,
@@ -94,6 +161,10 @@ def parse_args(argv=None):
         args.learning_rate = REFERENCE_LR if args.reference_parity else 5e-7
     if args.anneal_horizon is None:
         args.anneal_horizon = REFERENCE_HORIZON if args.reference_parity else args.max_steps
+    level_eps = GSPO_CLIP_EPS if args.importance_level == "sequence" else (0.2, 0.2)
+    args.clip_eps_low = next(e for e in (args.clip_eps_low, args.clip_eps, level_eps[0]) if e is not None)
+    args.clip_eps_high = next(e for e in (args.clip_eps_high, args.clip_eps, level_eps[1]) if e is not None)
+    args.clip_eps = args.clip_eps_low if args.clip_eps_low == args.clip_eps_high else None
     return args
 
 
@@ -112,6 +183,8 @@ def check_args(args, world_size: int) -> None:
         raise InputError(f"--alpha must be >= 0, got {args.alpha}")
     if args.trm_max_retries < 0:
         raise InputError(f"--trm-max-retries must be >= 0, got {args.trm_max_retries}")
+    if args.trm_max_images is not None and args.trm_max_images < 0:
+        raise InputError(f"--trm-max-images must be >= 0, got {args.trm_max_images}")
     if args.rollout_batch_size % world_size:
         raise InputError(f"--rollout-batch-size {args.rollout_batch_size} must be divisible by the "
                          f"{world_size} ranks (each rank rolls out whole groups)")
@@ -132,6 +205,12 @@ def check_args(args, world_size: int) -> None:
         raise InputError("--temperature must be > 0: GRPO needs sampled, different completions")
     if not 0 < args.top_p <= 1:
         raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise InputError(f"--top-k must be >= 0 (0: off), got {args.top_k}")
+    if not 0 <= args.min_p < 1:
+        raise InputError(f"--min-p must be in [0, 1), got {args.min_p}")
+    if not args.repetition_penalty > 0:
+        raise InputError(f"--repetition-penalty must be > 0 (1: off), got {args.repetition_penalty}")
     if args.vllm_sleep_mode and args.rollout_engine != "vllm":
         raise InputError("--vllm-sleep-mode needs --rollout-engine vllm")
     if args.vllm_tensor_parallel_size > 1 and world_size % args.vllm_tensor_parallel_size:
@@ -139,3 +218,27 @@ def check_args(args, world_size: int) -> None:
                          f"{args.vllm_tensor_parallel_size}")
     if args.vllm_tensor_parallel_size > 1 and args.rollout_engine != "vllm":
         raise InputError("--vllm-tensor-parallel-size needs --rollout-engine vllm")
+    check_variant_args(args)
+
+
+def check_variant_args(args) -> None:
+    """The GRPO-variant flags."""
+    if not (0 <= args.clip_eps_low < 1 and args.clip_eps_high >= 0):
+        raise InputError(f"the clip range needs 0 <= --clip-eps-low < 1 and --clip-eps-high >= 0, got "
+                         f"{args.clip_eps_low} and {args.clip_eps_high}")
+    if args.kl_in_reward and not args.kl_coef > 0:
+        raise InputError("--kl-in-reward subtracts --kl-coef x KL from the rewards: give --kl-coef > 0")
+    if args.rollout_is != "none" and args.rollout_engine != "vllm":
+        raise InputError(f"--rollout-is {args.rollout_is} weights by the rollout engine's log-probs, which "
+                         f"--rollout-engine {args.rollout_engine} does not report: use --rollout-engine vllm")
+    if not args.rollout_is_cap > 0:
+        raise InputError(f"--rollout-is-cap must be > 0, got {args.rollout_is_cap}")
+    if not 0 <= args.overlong_buffer < args.max_completion_length:
+        raise InputError(f"--overlong-buffer must be in [0, --max-completion-length {args.max_completion_length}), "
+                         f"got {args.overlong_buffer}")
+    if not args.overlong_penalty >= 0:
+        raise InputError(f"--overlong-penalty must be >= 0, got {args.overlong_penalty}")
+    if args.dynamic_sampling_max_rounds < 1:
+        raise InputError(f"--dynamic-sampling-max-rounds must be >= 1, got {args.dynamic_sampling_max_rounds}")
+    if args.dynamic_sampling and args.num_generations < 2:
+        raise InputError("--dynamic-sampling keeps groups whose rewards differ: it needs --num-generations >= 2")

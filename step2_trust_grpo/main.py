@@ -4,8 +4,10 @@
 
 Each step: roll out N completions per prompt -> outcome rewards R^o and thinking rewards R^t (TRM
 server) -> Trust-GRPO rewards -> group-normalised advantages -> PPO-clip + k3-KL update -> push the
-new weights into the rollout engine. See docs/method.md for the method and its defaults.
+new weights into the rollout engine. See docs/method.md for the method and its defaults, README "GRPO variants"
+for the flags that swap pieces of it (DAPO, Dr. GRPO, GSPO, rollout importance weights, KL options).
 """
+import logging
 import os
 import random
 import statistics
@@ -22,19 +24,25 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from step2_trust_grpo.arguments import check_args, parse_args
 from step2_trust_grpo.completion_log import CompletionLog
-from step2_trust_grpo.loss import group_advantages, grpo_loss
+from step2_trust_grpo.loss import (STEP_AGGREGATIONS, group_advantages, grpo_loss, kl_penalties,
+                                   rollout_is_weights, step_denominator, step_units)
 from step2_trust_grpo.policy import completion_batch, completion_logps
-from step2_trust_grpo.rewards import final_rewards, outcome_rewards, thinking_rewards
+from step2_trust_grpo.dynamic_sampling import fill_batch, first_prompt_index, refill_prompts
+from step2_trust_grpo.rewards import (final_rewards, merge_thinking_stats, outcome_rewards, overlong_penalties,
+                                      thinking_rewards, truncated)
 from step2_trust_grpo.rollout import HFRollout, VLLMRollout
 from utils.cli import RunAborted, exit_on_input_error
-from utils.data import epoch_order, load_rows, open_images
+from utils.data import ReadableRows, epoch_order, load_rows
 from utils.ds_config import zero3_inference_config, zero3_train_config
 from utils.metrics_log import MetricsLogger
 from utils.distributed import init_distributed, mean_across_ranks, min_across_ranks, shutdown, sum_across_ranks
+from utils.generation import Sampling, prompt_seed, stop_token_ids
 from utils.model import apply_training_flags, load_model, load_processor, resolve_dtype
 from utils.outputs import prepare_output_dir, write_run_info
+from utils.prompt_length import keep_within
 from utils.prompts import format_question, policy_messages
 from utils.trm_client import TRMClient
+from utils.vision import resize_images
 from utils.zero3 import load_checkpoint, save_checkpoint, save_hf_model
 
 
@@ -54,6 +62,11 @@ def prompts_for_step(num_rows: int, step: int, batch_size: int, rank: int, world
     start = (step - 1) * batch_size + rank * per_rank
     return [epoch_order(num_rows, seed + position // num_rows)[position % num_rows]
             for position in range(start, start + per_rank)]
+
+
+def policy_chat(row: dict) -> list:
+    """The policy's chat for a row, as the loop builds it: what --max-prompt-length measures at load time."""
+    return policy_messages(row["prompt"], row["problem_type"], row["options"], len(row["images"]))
 
 
 def build_policy_engines(args, world_size: int, dtype: torch.dtype):
@@ -86,51 +99,93 @@ def build_policy_engines(args, world_size: int, dtype: torch.dtype):
 
 
 def build_rollout(args, processor, dtype: torch.dtype, max_images: int, rank: int, plain_copy=None):
-    sampling = dict(max_new_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p)
+    sampling = Sampling(max_new_tokens=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
     if args.rollout_engine == "hf":
         if torch.cuda.is_available():
             plain_copy.to(f"cuda:{torch.cuda.current_device()}")
-        return HFRollout(plain_copy, processor, **sampling)
+        return HFRollout(plain_copy, processor, sampling)
     return VLLMRollout(
-        args.model_path, processor, **sampling, seed=args.seed + rank, dtype=str(dtype).removeprefix("torch."),
+        args.model_path, processor, sampling, seed=args.seed + rank, dtype=str(dtype).removeprefix("torch."),
         max_model_len=args.vllm_max_model_len or args.max_prompt_length + args.max_completion_length,
         max_images=max_images, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         tensor_parallel_size=args.vllm_tensor_parallel_size, sleep_mode=args.vllm_sleep_mode)
 
 
-def update_policy(engine, ref_engine, processor, chats, images, completions, advantages, args) -> dict:
-    """PPO epochs over the rollout in micro-batches. With one epoch the policy has not moved since
-    the rollout, so pi_old is the training engine's own (detached) log-probs of the same pass. When
-    the rollout engine reports its log-probs, their mean gap to pi_old is logged (it should be ~0)."""
+def update_policy(engine, ref_engine, processor, chats, images, completions, rewards, args) -> dict:
+    """Advantages from the final rewards, then PPO epochs over the rollout in micro-batches. With one epoch the
+    policy has not moved since the rollout, so pi_old is the training engine's own (detached) log-probs of the
+    same pass (--kl-in-reward needs them, and the reference's, before the advantages: one pass more). When the
+    rollout engine reports its log-probs, their mean gap to pi_old is logged (it should be ~0)."""
     completion_ids = completions.token_ids
     n = args.num_generations
     micro = [range(i, i + args.micro_batch_size) for i in range(0, len(completion_ids), args.micro_batch_size)]
     batches = [completion_batch(processor, [chats[j // n] for j in mb], [images[j // n] for j in mb],
                                 [completion_ids[j] for j in mb]) for mb in micro]
+    if args.mask_truncated:
+        cut = truncated(completion_ids, args.max_completion_length, set(stop_token_ids(engine.module)))
+        for mb, batch in zip(micro, batches):
+            batch["completion_mask"][[row for row, j in enumerate(mb) if cut[j]]] = 0
     with torch.no_grad():
         ref_logps = [completion_logps(ref_engine, b, args.temperature)[0] if ref_engine else None for b in batches]
-        old_logps = [completion_logps(engine, b, args.temperature)[0] if args.ppo_epochs > 1 else None for b in batches]
+        old_logps = [completion_logps(engine, b, args.temperature)[0] if args.ppo_epochs > 1 or args.kl_in_reward
+                     else None for b in batches]
+    rewards, extra = torch.tensor(rewards), {}
+    if args.kl_in_reward:
+        penalties = torch.cat([kl_penalties(old, ref, b["completion_mask"].to(old.device), args.kl_estimator,
+                                            args.kl_coef).cpu() for b, old, ref in zip(batches, old_logps, ref_logps)])
+        rewards, extra["reward/kl_penalty"] = rewards - penalties, penalties.mean().item()
+    advantages = group_advantages(rewards, n, scale=args.scale_rewards)
+    denominator = None
+    if args.loss_agg in STEP_AGGREGATIONS:  # one all-reduce per step: the step's tokens (or sequences) on all ranks
+        units = sum(step_units(args.loss_agg, b["completion_mask"], args.max_completion_length) for b in batches)
+        denominator = step_denominator(sum_across_ranks(units)[0], len(batches), torch.distributed.get_world_size())
 
-    metrics, gaps = [], []
+    metrics, gaps, is_stats = [], [], []
     for epoch in range(args.ppo_epochs):
         for mb, batch, ref, old in zip(micro, batches, ref_logps, old_logps):
             logps, entropy = completion_logps(engine, batch, args.temperature, with_entropy=True,
                                               entropy_grad=args.entropy_coef > 0)
+            pi_old = logps.detach() if old is None else old
             if epoch == 0 and completions.rollout_logps is not None:
-                pi_old = logps.detach() if old is None else old
                 gaps += [(pi_old[row, :len(completion_ids[j])].cpu() - torch.tensor(completions.rollout_logps[j]))
                          .abs().mean().item() for row, j in enumerate(mb)]
+            mask = batch["completion_mask"].to(logps.device)
+            is_weights = None
+            if args.rollout_is == "tis":
+                rollout_logps = torch.zeros_like(pi_old)
+                for row, j in enumerate(mb):
+                    rollout_logps[row, :len(completion_ids[j])] = torch.tensor(completions.rollout_logps[j])
+                is_weights, stats = rollout_is_weights(pi_old, rollout_logps, mask, args.rollout_is_cap)
+                is_stats += [stats] if epoch == 0 else []
             loss, step_metrics = grpo_loss(
-                logps, logps.detach() if old is None else old, ref, advantages[list(mb)].to(logps.device),
-                batch["completion_mask"].to(logps.device), clip_eps=args.clip_eps, kl_coef=args.kl_coef,
-                entropy_coef=args.entropy_coef, entropy=entropy, loss_agg=args.loss_agg)
+                logps, pi_old, ref, advantages[list(mb)].to(logps.device), mask,
+                kl_coef=0.0 if args.kl_in_reward else args.kl_coef, entropy_coef=args.entropy_coef, entropy=entropy,
+                loss_agg=args.loss_agg, clip_eps_low=args.clip_eps_low, clip_eps_high=args.clip_eps_high,
+                importance_level=args.importance_level, kl_estimator=args.kl_estimator, is_weights=is_weights,
+                denominator=denominator)
             engine.backward(loss)
             engine.step()
             metrics.append({**step_metrics, "loss": loss.item()})
     summary = {name: statistics.fmean(m[name] for m in metrics) for name in metrics[0]}
     if gaps:
         summary["rollout/logp_gap"] = statistics.fmean(gaps)
-    return summary
+    if is_stats:
+        summary.update({name: statistics.fmean(s[name] for s in is_stats) for name in is_stats[0]})
+        summary["rollout_is/max"] = max(s["rollout_is/max"] for s in is_stats)
+    return {**summary, **extra}
+
+
+def warn_on_logp_gap(metrics: dict, step: int, threshold: float, warned: bool) -> bool:
+    """Warn once when the rollout engine's log-probs drift from the trainer's: the symptom of engines that see
+    different inputs, weights or sampling settings (the rollouts are then off-policy). Returns `warned` after."""
+    gap = metrics.get("rollout/logp_gap")
+    if warned or gap is None or not gap > threshold:
+        return warned
+    logging.getLogger(__name__).warning(
+        f"step {step}: the rollout engine's log-probs differ from the trainer's by {gap:.4f} per token "
+        f"(> --warn-logp-gap {threshold}): the engines see different inputs, weights or sampling settings")
+    return True
 
 
 def abort_if_trm_down(window: deque, calls: int, failures: int, args) -> None:
@@ -144,19 +199,30 @@ def abort_if_trm_down(window: deque, calls: int, failures: int, args) -> None:
 
 
 @torch.no_grad()
-def validate(rollout, rows: list, rank: int, world_size: int, args) -> float:
+def validate(rollout, eval_data: ReadableRows, rank: int, world_size: int, args) -> float:
     from utils.rewards import outcome_reward
 
-    mine = rows[rank::world_size]
+    mine = eval_data.rows[rank::world_size]
     total = 0.0
     for start in range(0, len(mine), 16):
         batch = mine[start:start + 16]
-        images = [open_images(r) for r in batch]
+        batch, images = eval_data.open(batch)
+        images = [resize_images(row_images, rollout.processor) for row_images in images]
         chats = [policy_messages(r["prompt"], r["problem_type"], r["options"], len(i)) for r, i in zip(batch, images)]
         texts = rollout.generate(chats, images, 1, greedy=True).texts
-        total += sum(outcome_reward(t, r["answer"], r["problem_type"]) for t, r in zip(texts, batch))
+        total += sum(outcome_reward(t, r["answer"], r["problem_type"], max_answer_chars=args.max_answer_chars,
+                                    strict_format=args.strict_format) for t, r in zip(texts, batch))
     total, count = sum_across_ranks(total, len(mine))
     return total / max(count, 1)
+
+
+def warn_over_trm_cap(rows: list, cap: int) -> None:
+    over = [len(r["images"]) for r in rows if len(r["images"]) > cap]
+    if over:
+        logging.getLogger(__name__).warning(
+            f"{len(over)} of {len(rows)} training prompts have more images (up to {max(over)}) than the TRM "
+            f"server's cap of {cap} (--trm-max-images): their requests are not sent and their groups get R^t = 0; "
+            f"serve the TRM with --max-images {max(over)}")
 
 
 @exit_on_input_error
@@ -166,7 +232,8 @@ def main(argv=None):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_args(args, world_size)
     trm = TRMClient(args.trm_url, args.trm_model, max_concurrency=args.trm_max_concurrency,
-                    timeout_s=args.trm_timeout, max_retries=args.trm_max_retries) if args.use_thinking_reward else None
+                    timeout_s=args.trm_timeout, max_retries=args.trm_max_retries,
+                    max_images=args.trm_max_images) if args.use_thinking_reward else None
     prepare_output_dir(args.output_dir)
     train_rows = load_rows(args.data_path, args.registry)
     eval_rows = load_rows(args.eval_data_path, args.registry)[: args.eval_max_samples] if args.eval_data_path else []
@@ -178,6 +245,14 @@ def main(argv=None):
     # ---- engines: policy + reference under ZeRO-3, rollout engine, TRM client ----
     dtype = resolve_dtype(args.dtype)
     processor = load_processor(args.model_path, args.min_pixels, args.max_pixels)
+    train_rows = keep_within(processor, train_rows, policy_chat, args.max_prompt_length, "--max-prompt-length",
+                             f"--data-path {args.data_path}", log=rank == 0)
+    if eval_rows:
+        eval_rows = keep_within(processor, eval_rows, policy_chat, args.max_prompt_length, "--max-prompt-length",
+                                f"--eval-data-path {args.eval_data_path}", log=rank == 0)
+    train_data, eval_data = (ReadableRows(r, fatal=args.fatal_bad_rows) for r in (train_rows, eval_rows))
+    if trm and args.trm_max_images is not None and rank == 0:
+        warn_over_trm_cap(train_rows, args.trm_max_images)
     # the hf engine's plain copy must load before HfDeepSpeedConfig exists, or it would be sharded too
     plain_copy = load_model(args.model_path, dtype, args.attn_implementation) if args.rollout_engine == "hf" else None
     engine, ref_engine = build_policy_engines(args, world_size, dtype)
@@ -191,24 +266,26 @@ def main(argv=None):
     completion_log = CompletionLog(args.output_dir, rank, start_step) if args.log_completions else None
     trm_window = deque(maxlen=args.trm_failure_window)
     n = args.num_generations
+    logp_gap_warned = False
 
-    progress = tqdm(range(start_step + 1, args.max_steps + 1), initial=start_step, total=args.max_steps,
-                    desc="Trust-GRPO", disable=rank != 0)
-    for step in progress:
-        seed = seed_step(args.seed, step, rank)
-        rows = [train_rows[i] for i in prompts_for_step(len(train_rows), step, args.rollout_batch_size, rank,
-                                                          world_size, args.seed)]
-        images = [open_images(row) for row in rows]
+    def sample_round(indices: list[int], first: int, step: int, sampling: dict) -> dict:
+        """Roll out and reward the prompts train_rows[indices] (`first`: the global index of the first, for its
+        seed): one round of step_trust_grpo.dynamic_sampling. Adds generation time and judge stats to `sampling`."""
+        # a row whose images fail to decode is replaced (utils.data.ReadableRows); the images as the judge gets
+        # them: its server resizes by its own limits
+        rows, images = train_data.open([train_rows[i] for i in indices])
+        policy_images = [resize_images(row_images, processor) for row_images in images]  # what both engines see
         chats = [policy_messages(r["prompt"], r["problem_type"], r["options"], len(i)) for r, i in zip(rows, images)]
+        seeds = [prompt_seed(args.seed, step, first + k) for k in range(len(rows))]
 
         # ---- 1. rollout: N completions per prompt ----
         t0 = time.perf_counter()
-        completions = rollout.generate(chats, images, n, seed=seed)
+        completions = rollout.generate(chats, policy_images, n, seeds=seeds)
+        sampling["generate_s"] += time.perf_counter() - t0
 
-        # ---- 2. rewards: outcome R^o, thinking R^t, trust weight gamma, annealing ----
-        t1 = time.perf_counter()
-        outcome = outcome_rewards(completions.texts, rows, n, args.max_answer_chars)
-        thinking, trm_stats = [0.0] * len(outcome), None
+        # ---- 2. rewards: outcome R^o, thinking R^t, trust weight gamma, annealing, overlong shaping ----
+        outcome = outcome_rewards(completions.texts, rows, n, args.max_answer_chars, args.strict_format)
+        thinking = [0.0] * len(outcome)
         if trm:
             questions = [format_question(r["prompt"], r["problem_type"], r["options"]) for r in rows]
             if args.reference_parity:  # the reference sends the decoded chat prompt as the question
@@ -217,15 +294,39 @@ def main(argv=None):
             thinking, trm_stats = thinking_rewards(trm, questions, completions.texts, images, outcome, n,
                                                    reference_parity=args.reference_parity)
             abort_if_trm_down(trm_window, trm_stats.calls, trm_stats.failures, args)
+            sampling["trm"].append(trm_stats)
         rewards, gammas = final_rewards(outcome, thinking, n, step, alpha=args.alpha, horizon=args.anneal_horizon,
                                         use_trust=args.use_trust, use_anneal=args.use_anneal)
-        advantages = group_advantages(torch.tensor(rewards), n)
+        if args.overlong_buffer:
+            shaping = overlong_penalties([len(ids) for ids in completions.token_ids], args.max_completion_length,
+                                         args.overlong_buffer, args.overlong_penalty)
+            rewards = [r + p for r, p in zip(rewards, shaping)]
+        return dict(rows=rows, images=images, policy_images=policy_images, chats=chats, completions=completions,
+                    outcome=outcome, thinking=thinking, rewards=rewards, gammas=gammas)
 
-        # ---- 3. update: PPO-clip on token ratios, k3 KL to the reference, entropy bonus ----
+    progress = tqdm(range(start_step + 1, args.max_steps + 1), initial=start_step, total=args.max_steps,
+                    desc="Trust-GRPO", disable=rank != 0)
+    for step in progress:
+        seed_step(args.seed, step, rank)
+        replaced_before = train_data.replaced
+        per_rank = args.rollout_batch_size // world_size
+        t0, sampling = time.perf_counter(), {"generate_s": 0.0, "trm": []}
+        batch = sample_round(prompts_for_step(len(train_rows), step, args.rollout_batch_size, rank, world_size,
+                                              args.seed), rank * per_rank, step, sampling)
+        if args.dynamic_sampling:  # refill round r: prompts and seeds from (seed, step, r), the same on a resume
+            batch, sampling["metrics"] = fill_batch(batch, lambda r: sample_round(
+                refill_prompts(len(train_rows), args.seed, step, r, per_rank, rank, world_size),
+                first_prompt_index(r, args.rollout_batch_size, rank, per_rank), step, sampling),
+                per_rank, n, args.dynamic_sampling_max_rounds, lambda full: min_across_ranks(float(full)) == 1.0)
+        rows, images, policy_images, chats, completions, outcome, thinking, rewards, gammas = (batch[name] for name in (
+            "rows", "images", "policy_images", "chats", "completions", "outcome", "thinking", "rewards", "gammas"))
+        trm_stats = merge_thinking_stats(sampling["trm"]) if trm else None
+        t1 = t0 + sampling["generate_s"]
+
+        # ---- 3. update: advantages, PPO-clip on token ratios, KL to the reference, entropy bonus ----
         t2 = time.perf_counter()
         rollout.sleep()
-        update = update_policy(engine, ref_engine, processor, chats, images, completions, advantages, args)
-        rollout.wake_up()
+        update = update_policy(engine, ref_engine, processor, chats, policy_images, completions, rewards, args)
 
         # ---- 4. weight sync: stream the new ZeRO-3 weights into the rollout engine ----
         t3 = time.perf_counter()
@@ -245,6 +346,7 @@ def main(argv=None):
             "trust/gamma_min": min(gammas),
             "trust/frac_distrusted": sum(g < 1 for g in gammas) / len(gammas),
             **update,
+            **sampling.get("metrics", {}),
             "completions/mean_length": statistics.fmean(lengths),
             "completions/clipped_ratio": sum(x >= args.max_completion_length for x in lengths) / len(lengths),
             "timing/rollout": t1 - t0, "timing/reward": t2 - t1, "timing/update": t3 - t2, "timing/sync": t4 - t3,
@@ -259,9 +361,14 @@ def main(argv=None):
                             "trm/latency_s": statistics.fmean(trm_stats.latencies or [0.0])})
         metrics = mean_across_ranks(metrics)
         metrics["trust/gamma_min"] = min_across_ranks(min(gammas))
+        if args.rollout_is != "none":
+            metrics["rollout_is/max"] = -min_across_ranks(-update["rollout_is/max"])
+        metrics["data/bad_rows"] = sum_across_ranks(train_data.replaced - replaced_before)[0]
         if eval_rows and args.eval_every and step % args.eval_every == 0:
-            metrics["eval/accuracy"] = validate(rollout, eval_rows, rank, world_size, args)
+            metrics["eval/accuracy"] = validate(rollout, eval_data, rank, world_size, args)
         logger.log(step, metrics)
+        if rank == 0:
+            logp_gap_warned = warn_on_logp_gap(metrics, step, args.warn_logp_gap, logp_gap_warned)
         if rank == 0 and step % args.sample_every == 0:
             logger.log_samples(step, chats[0][-1]["content"][-1]["text"], [
                 {"completion": text, "outcome": o, "thinking": t, "reward": r}

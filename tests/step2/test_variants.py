@@ -7,9 +7,14 @@ import os
 import pytest
 import torch
 
+from step2_trust_grpo.arguments import check_args, parse_args
+from step2_trust_grpo.dynamic_sampling import fill_batch, refill_prompts
 from step2_trust_grpo.loss import (group_advantages, grpo_loss, kl_estimate, kl_penalties, masked_aggregate,
                                    rollout_is_weights, step_denominator, step_units)
+from step2_trust_grpo.rewards import overlong_penalties, truncated
+from step2_trust_grpo.rollout import Completions
 from tests.step2.trl_reference import trl_loss
+from utils.cli import InputError
 
 CASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "loss_case.json")
 
@@ -244,3 +249,106 @@ def test_rollout_is_equals_trls_vllm_importance_sampling_correction():
                                 importance_sampling_ratio=trl_ratio)
     assert loss == pytest.approx(trl, rel=1e-6, abs=1e-7)
     torch.testing.assert_close(grad, trl_grad, rtol=1e-5, atol=1e-8)
+
+
+# --- flags ------------------------------------------------------------------------------------------
+
+REQUIRED = ["--model-path", "m", "--registry", "r.json", "--data-path", "d", "--output-dir", "o", "--variant", "grpo",
+            "--rollout-batch-size", "4", "--num-generations", "2", "--micro-batch-size", "2"]
+
+
+def test_variant_flags_default_to_trust_grpo_and_resolve_the_clip_range():
+    args = parse_args(REQUIRED)
+    assert (args.loss_agg, args.scale_rewards, args.importance_level, args.kl_estimator, args.rollout_is) == \
+        ("token-mean", "group", "token", "k3", "none")
+    assert (args.clip_eps, args.clip_eps_low, args.clip_eps_high) == (0.2, 0.2, 0.2)
+    assert not (args.kl_in_reward or args.mask_truncated or args.dynamic_sampling or args.overlong_buffer)
+    args = parse_args(REQUIRED + ["--clip-eps-high", "0.28"])
+    assert (args.clip_eps, args.clip_eps_low, args.clip_eps_high) == (None, 0.2, 0.28)
+    args = parse_args(REQUIRED + ["--importance-level", "sequence"])  # GSPO's own epsilons
+    assert (args.clip_eps_low, args.clip_eps_high) == (3e-4, 4e-4)
+    args = parse_args(REQUIRED + ["--importance-level", "sequence", "--clip-eps", "1e-3", "--clip-eps-low", "2e-4"])
+    assert (args.clip_eps_low, args.clip_eps_high) == (2e-4, 1e-3)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rollout-engine", "hf", "--rollout-is", "tis"], "--rollout-is tis .* --rollout-engine hf"),
+    (["--kl-in-reward", "--kl-coef", "0"], "--kl-in-reward"),
+    (["--max-completion-length", "16", "--overlong-buffer", "16"], "--overlong-buffer"),
+    (["--overlong-buffer", "4", "--overlong-penalty", "-1"], "--overlong-penalty"),
+    (["--clip-eps-low", "1"], "--clip-eps-low"),
+    (["--dynamic-sampling", "--num-generations", "1", "--micro-batch-size", "1"], "--num-generations"),
+    (["--dynamic-sampling-max-rounds", "0"], "--dynamic-sampling-max-rounds"),
+    (["--rollout-is-cap", "0"], "--rollout-is-cap"),
+])
+def test_bad_variant_flags_are_rejected_naming_the_flag(extra, message):
+    with pytest.raises(InputError, match=message):
+        check_args(parse_args(REQUIRED + extra), world_size=2)
+
+
+# --- overlong shaping and truncated completions -------------------------------------------------------
+
+
+def test_overlong_penalty_is_zero_before_the_buffer_and_falls_linearly_to_minus_p_at_the_cap():
+    # max 16, buffer 4: free up to 12 tokens, then -(length - 12) / 4 x P
+    assert overlong_penalties([3, 12, 13, 14, 16, 20], 16, 4, 0.5) == pytest.approx([0, 0, -0.125, -0.25, -0.5, -0.5])
+
+
+def test_a_completion_is_truncated_when_it_hits_the_cap_without_a_stop_token():
+    stop = {7, 9}
+    token_ids = [[1, 2, 3, 4], [1, 2, 3, 7], [1, 2, 9], [1, 2]]
+    assert truncated(token_ids, 4, stop) == [True, False, False, False]
+    # --mask-truncated zeroes the truncated row's mask: it adds nothing to the loss nor to a step's token count
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1]])
+    mask[[row for row, cut in enumerate(truncated(token_ids[:2], 4, stop)) if cut]] = 0
+    loss, _ = grpo_loss(torch.zeros(2, 4), torch.zeros(2, 4), None, torch.tensor([5.0, -1.0]), mask, kl_coef=0.0)
+    assert loss.item() == 1.0 and step_units("token-mean-global", mask, 4) == 4
+
+
+# --- dynamic sampling ---------------------------------------------------------------------------------
+
+
+def make_round(tag: str, rewards: list[float], n: int = 2) -> dict:
+    prompts = len(rewards) // n
+    texts = [f"{tag}{i}" for i in range(len(rewards))]
+    return {"rows": [f"{tag}-row{k}" for k in range(prompts)], "gammas": [1.0] * prompts, "rewards": rewards,
+            "completions": Completions(texts, [[i] for i in range(len(rewards))], [[-0.5]] * len(rewards))}
+
+
+def test_zero_spread_groups_are_dropped_and_refilled_from_the_next_round():
+    first = make_round("a", [1.0, 0.0, 0.5, 0.5, 0.0, 1.0])  # group a-row1 has zero spread
+    drawn = []
+
+    def draw(r):
+        drawn.append(r)
+        return make_round("b", [0.2, 0.2, 0.3, 0.1, 1.0, 1.0])  # b-row1 varies
+    batch, metrics = fill_batch(first, draw, quota=3, num_generations=2, max_rounds=4, all_ranks_full=lambda f: f)
+    assert drawn == [1]
+    assert batch["rows"] == ["a-row0", "a-row2", "b-row1"]
+    assert batch["rewards"] == [1.0, 0.0, 0.0, 1.0, 0.3, 0.1]
+    assert batch["completions"].texts == ["a0", "a1", "a4", "a5", "b2", "b3"]
+    assert batch["completions"].token_ids == [[0], [1], [4], [5], [2], [3]]
+    assert metrics == {"dynamic_sampling/rounds": 2, "dynamic_sampling/frac_zero_std_drawn": 3 / 6,
+                       "dynamic_sampling/frac_zero_std_kept": 0.0}
+
+
+def test_after_the_last_round_a_rank_fills_up_with_zero_spread_groups_and_waits_for_the_others():
+    first = make_round("a", [1.0, 1.0, 0.0, 1.0])
+    answers = []
+
+    def all_full(mine):  # as min_across_ranks: another rank is still short in round 0
+        answers.append(mine)
+        return len(answers) > 1 and mine
+    batch, metrics = fill_batch(first, lambda r: make_round("b", [0.0, 0.0, 0.5, 0.5]), quota=2, num_generations=2,
+                                max_rounds=3, all_ranks_full=all_full)
+    assert answers == [False, False, False]  # 3 rounds, never 2 varying groups
+    assert batch["rows"] == ["a-row0", "a-row1"] and batch["rewards"] == [1.0, 1.0, 0.0, 1.0]
+    assert metrics["dynamic_sampling/rounds"] == 3 and metrics["dynamic_sampling/frac_zero_std_kept"] == 0.5
+
+
+def test_refill_prompts_depend_on_seed_step_and_round_only_and_differ_across_ranks():
+    ranks = [refill_prompts(100, 42, 7, 1, per_rank=3, rank=r, world_size=2) for r in (0, 1)]
+    assert ranks == [refill_prompts(100, 42, 7, 1, per_rank=3, rank=r, world_size=2) for r in (0, 1)]
+    assert len(set(ranks[0] + ranks[1])) == 6
+    assert refill_prompts(100, 42, 7, 2, 3, 0, 2) != ranks[0] and refill_prompts(100, 42, 8, 1, 3, 0, 2) != ranks[0]
+    assert len(refill_prompts(2, 42, 7, 1, per_rank=3, rank=1, world_size=2)) == 3  # fewer rows than the batch
