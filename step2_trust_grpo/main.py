@@ -122,20 +122,20 @@ def update_policy(engine, ref_engine, processor, chats, images, completions, rew
     micro = [range(i, i + args.micro_batch_size) for i in range(0, len(completion_ids), args.micro_batch_size)]
     batches = [completion_batch(processor, [chats[j // n] for j in mb], [images[j // n] for j in mb],
                                 [completion_ids[j] for j in mb]) for mb in micro]
-    if args.mask_truncated:
-        cut = truncated(completion_ids, args.max_completion_length, set(stop_token_ids(engine.module)))
-        for mb, batch in zip(micro, batches):
-            batch["completion_mask"][[row for row, j in enumerate(mb) if cut[j]]] = 0
     with torch.no_grad():
         ref_logps = [completion_logps(ref_engine, b, args.temperature)[0] if ref_engine else None for b in batches]
         old_logps = [completion_logps(engine, b, args.temperature)[0] if args.ppo_epochs > 1 or args.kl_in_reward
                      else None for b in batches]
     rewards, extra = torch.tensor(rewards), {}
-    if args.kl_in_reward:
+    if args.kl_in_reward:  # over every completion token: --mask-truncated masks the loss, not the reward
         penalties = torch.cat([kl_penalties(old, ref, b["completion_mask"].to(old.device), args.kl_estimator,
                                             args.kl_coef).cpu() for b, old, ref in zip(batches, old_logps, ref_logps)])
         rewards, extra["reward/kl_penalty"] = rewards - penalties, penalties.mean().item()
     advantages = group_advantages(rewards, n, scale=args.scale_rewards)
+    if args.mask_truncated:
+        cut = truncated(completion_ids, args.max_completion_length, set(stop_token_ids(engine.module)))
+        for mb, batch in zip(micro, batches):
+            batch["completion_mask"][[row for row, j in enumerate(mb) if cut[j]]] = 0
     denominator = None
     if args.loss_agg in STEP_AGGREGATIONS:  # one all-reduce per step: the step's tokens (or sequences) on all ranks
         units = sum(step_units(args.loss_agg, b["completion_mask"], args.max_completion_length) for b in batches)
