@@ -31,6 +31,8 @@ def test_defaults_follow_the_paper():
     assert args.max_steps == 1500 and args.anneal_horizon == 1500
     assert (args.variant, args.use_thinking_reward, args.use_trust, args.use_anneal) == ("full", True, True, True)
     assert args.reference_parity is False
+    assert args.strict_format is False and parse_args(REQUIRED + ["--strict-format"]).strict_format is True
+    assert args.trm_max_images is None and parse_args(REQUIRED + ["--trm-max-images", "3"]).trm_max_images == 3
 
 
 def test_anneal_horizon_defaults_to_the_number_of_steps():
@@ -103,6 +105,7 @@ def test_the_grpo_baseline_needs_no_trm_url():
     (["--sample-every", "0"], 2, "--sample-every"),
     (["--trm-timeout", "0"], 2, "--trm-timeout"),
     (["--trm-max-retries", "-1"], 2, "--trm-max-retries"),
+    (["--trm-max-images", "-1"], 2, "--trm-max-images"),
     (["--alpha", "-0.3"], 2, "--alpha"),
 ])
 def test_bad_flags_are_rejected_naming_the_flag(extra, world_size, flag):
