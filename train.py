@@ -20,6 +20,9 @@ import subprocess
 import sys
 import time
 
+from utils.cli import InputError
+from utils.data import max_images_per_prompt
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
 DEEPSPEED = os.path.join(os.path.dirname(PYTHON), "deepspeed")
@@ -124,12 +127,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def with_trm_server(pipeline: Pipeline, trm_dir: str, body) -> None:
-    """Start the TRM server, wait until it answers, run `body(url)`, and always stop the server."""
+def with_trm_server(pipeline: Pipeline, trm_dir: str, max_images: int, body) -> None:
+    """Start the TRM server, wait until it answers, run `body(url)`, and always stop the server.
+    `max_images`: its images-per-request cap, the most of any step-2 prompt (step 2 sends them all; vLLM answers
+    a request over the cap with HTTP 400); step 2 gets the same number as --trm-max-images."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    print(f"[trm-server] starting vllm on {trm_dir} at {url}", flush=True)
-    proc = serve.start_server(trm_dir, port, log_path=pipeline.path("trm_server.log"), max_model_len=4096)
+    print(f"[trm-server] starting vllm on {trm_dir} at {url}, at most {max_images} images per request", flush=True)
+    proc = serve.start_server(trm_dir, port, log_path=pipeline.path("trm_server.log"), max_model_len=4096,
+                              max_images=max_images)
     try:
         waited = serve.wait_ready(url, timeout=600, proc=proc)
         print(f"[trm-server] ready after {waited:.0f} s", flush=True)
@@ -165,16 +171,19 @@ def tiny(pipeline: Pipeline) -> dict:
                                out("policy_init"), *a.step1_extra.split()],
                      done_when=out("step1", "eval", "metrics.json"))
     if 2 in a.steps:
+        max_images = max_images_per_prompt("tiny_train", registry)  # the data run_tiny_cpu.sh trains on
+
         def step2(url):
             pipeline.run("step2", ["bash", "step2_trust_grpo/training_scripts/run_tiny_cpu.sh", out("policy_init"),
                                    registry, out("step2"), url, "--max-steps", str(a.step2_steps),
                                    "--save-every", str(max(a.step2_steps // 3, 1)),
-                                   "--eval-every", str(max(a.step2_steps // 3, 1))],
+                                   "--eval-every", str(max(a.step2_steps // 3, 1)),
+                                   "--trm-max-images", str(max_images)],
                          done_when=out("step2", "final", "config.json"))
         if os.path.exists(out("step2", "final", "config.json")) and not a.force:
             step2(None)
         else:
-            with_trm_server(pipeline, trm_dir, step2)
+            with_trm_server(pipeline, trm_dir, max_images, step2)
     if 3 in a.steps:
         for stage, model in (("step3_before", out("policy_init")), ("step3_after", out("step2", "final"))):
             pipeline.run(stage, ["bash", "step3_eval/training_scripts/run_tiny_cpu.sh", model, registry, out(stage)],
@@ -197,8 +206,10 @@ def gpus(pipeline: Pipeline) -> None:
                        a.registry, a.data_path]
         else:
             command = ["bash", step2_launcher, a.actor_model, a.registry, a.data_path]
-        with_trm_server(pipeline, trm_dir, lambda url: pipeline.run(
-            "step2", command + [url, out("step2")], done_when=out("step2", "final", "config.json")))
+        max_images = max_images_per_prompt(a.data_path, a.registry)
+        with_trm_server(pipeline, trm_dir, max_images, lambda url: pipeline.run(
+            "step2", command + [url, out("step2"), "--trm-max-images", str(max_images)],
+            done_when=out("step2", "final", "config.json")))
     if 3 in a.steps:
         for stage, model in (("step3_before", a.actor_model), ("step3_after", out("step2", "final"))):
             pipeline.run(stage, ["bash", "step3_eval/training_scripts/run_qwen2_5_vl_7b.sh", model, a.registry,
@@ -218,6 +229,9 @@ def main(argv=None) -> int:
     except StageFailed as err:
         print(err, file=sys.stderr)
         return 1
+    except InputError as err:  # step 2's data, read here for the TRM server's image cap
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; the TRM server (if any) was stopped", file=sys.stderr)
         return 130

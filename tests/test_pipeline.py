@@ -55,6 +55,9 @@ def test_tiny_pipeline_writes_every_output_and_stops_the_trm_server(tmp_path):
         rows = [json.loads(line) for line in open(tmp_path / stage / "predictions.jsonl")]
         assert len(rows) == 20
     assert os.path.exists(tmp_path / "step2" / "final" / "model.safetensors")
+    # the TRM server and step 2's client share the data's image cap (one image per tiny prompt)
+    assert json.load(open(tmp_path / "step2" / "args.json"))["trm_max_images"] == 1
+    assert "at most 1 images per request" in result.stdout
 
     # a second run finds every stage done and redoes none of them
     again = run_pipeline(tmp_path)

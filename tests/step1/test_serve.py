@@ -1,6 +1,7 @@
 """Serving the TRM: command line, readiness wait, clean stop, and a real vLLM (CPU build) server answering
 TRMClient chat requests that carry images with what the same weights generate in transformers."""
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -26,9 +27,41 @@ def test_command_has_the_cpu_settings_only_on_the_cpu_build():
     assert flags["--model"] == "/m" and flags["--port"] == "8123" and flags["--dtype"] == "float32"
     assert flags["--served-model-name"] == "thinking-reward-model" and flags["--max-model-len"] == "8192"
     assert flags["--limit-mm-per-prompt"] == '{"image": 3, "video": 0}' and cpu[-1] == "--enforce-eager"
-    gpu = serve.serve_command("/m", 8123, cpu=False, extra_args=["--tensor-parallel-size", "2"])
+    gpu = serve.serve_command("/m", 8123, cpu=False, max_images=1, extra_args=["--tensor-parallel-size", "2"])
     assert "--enforce-eager" not in gpu and gpu[gpu.index("--dtype") + 1] == "bfloat16"
     assert gpu[-2:] == ["--tensor-parallel-size", "2"]
+
+
+def test_the_image_cap_has_no_default(capsys):
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--model", "/m"])
+    assert "--max-images" in capsys.readouterr().err
+
+
+def test_cpu_launcher_takes_as_many_images_as_the_data_s_most_image_prompt(tmp_path):
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (4, 4), "red").save(tmp_path / name)
+    rows = [{"problem": "<image><image><image> Which differs?", "solution": "a", "images": ["a.png", "b.png", "a.png"]},
+            {"problem": "What colour?", "solution": "red", "images": ["b.png"]},
+            {"problem": "2+2?", "solution": "4", "data_type": "text"}]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "dataset_info.json").write_text(json.dumps(
+        {"three": {"file_path": "rows.json", "columns": {"problem": "prompt", "solution": "answer"}}}))
+    launcher = os.path.join(REPO, "step1_reward_model", "training_scripts", "serve_cpu.sh")
+    proc = subprocess.Popen(["bash", launcher, str(tmp_path / "no-model"), str(closed_port()),
+                             str(tmp_path / "dataset_info.json"), "three"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        lines = [proc.stdout.readline() for _ in range(3)]  # the cap, the command, the server's pid
+    finally:
+        proc.terminate()  # serve.py (the launcher exec'd it) stops the server it has started
+        proc.wait(timeout=60)
+    assert lines[0] == "TRM server: at most 3 images per request (the most of any prompt in three); give step 2 " \
+                       "--trm-max-images 3\n"
+    assert lines[1].startswith("serving: ") and '--limit-mm-per-prompt {"image": 3, "video": 0}' in lines[1]
+    assert lines[2].startswith("server pid ")
 
 
 def test_models_url_accepts_the_usual_spellings():
@@ -146,7 +179,7 @@ def test_served_trm_answers_image_requests_like_transformers_and_stops_cleanly(t
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "step1_reward_model", "serve.py"), "--model", model_dir,
-         "--port", str(port), "--max-model-len", "2048", "--log", str(tmp_path / "vllm.log")],
+         "--port", str(port), "--max-model-len", "2048", "--max-images", "1", "--log", str(tmp_path / "vllm.log")],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         assert server.stdout.readline().startswith("serving: ")
