@@ -16,6 +16,7 @@ import torch
 from utils.cli import InputError
 from utils.data import open_images, read_jsonl_objects
 from utils.model import chat_inputs
+from utils.prompt_length import sharded_prompt_lengths
 from utils.prompts import trm_messages
 
 logger = logging.getLogger(__name__)
@@ -106,9 +107,7 @@ def encode_example(processor, row: dict, images: list) -> dict:
     where generation starts when the judge scores, so training and use see the same token boundary.
     """
     prompt = chat_inputs(processor, [trm_messages(row["question"], row["response"], len(images))], [images])
-    tokenizer = processor.tokenizer
-    target = tokenizer.encode(target_text(row["score"]), add_special_tokens=False)
-    target.append(tokenizer.convert_tokens_to_ids(END_OF_TURN))
+    target = target_ids(processor.tokenizer, row["score"])
     prompt_ids = prompt["input_ids"][0]
     example = {
         "input_ids": torch.cat([prompt_ids, torch.tensor(target)]),
@@ -118,6 +117,22 @@ def encode_example(processor, row: dict, images: list) -> dict:
     if images:
         example["pixel_values"], example["image_grid_thw"] = prompt["pixel_values"], prompt["image_grid_thw"]
     return example
+
+
+def target_ids(tokenizer, score: float) -> list[int]:
+    """The assistant turn's tokens: the score, then <|im_end|>."""
+    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    return tokenizer.encode(target_text(score), add_special_tokens=False) + [end_of_turn]
+
+
+def example_lengths(processor, rows: list[dict], at_most: int | None = None) -> list[int]:
+    """Tokens of each row's training example (TRM prompt, images included, then the target), measured without
+    decoding an image; as in utils.prompt_length, with `at_most` a length within it may be an upper bound."""
+    targets = {score: len(target_ids(processor.tokenizer, score)) for score in {row["score"] for row in rows}}
+    prompts = sharded_prompt_lengths(
+        processor, rows, lambda row: trm_messages(row["question"], row["response"], len(row["images"])),
+        None if at_most is None else at_most - max(targets.values()))
+    return [prompt + targets[row["score"]] for prompt, row in zip(prompts, rows)]
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict:

@@ -22,16 +22,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers.integrations import HfDeepSpeedConfig
 
-from step1_reward_model.data import IGNORE_INDEX, make_batch, read_trm_rows, split_by_question
+from step1_reward_model.data import IGNORE_INDEX, example_lengths, make_batch, read_trm_rows, split_by_question
 from utils.cli import InputError, exit_on_input_error
-from utils.data import epoch_order, open_images
+from utils.data import ReadableRows, epoch_order
 from utils.distributed import init_distributed, shutdown, sum_across_ranks
 from utils.ds_config import zero3_train_config
-from utils.generation import hf_generate
+from utils.generation import Sampling, hf_generate
 from utils.metrics_log import MetricsLogger
 from utils.model import (add_model_arguments, apply_training_flags, encode_images_first, load_model, load_processor,
                          resolve_dtype)
 from utils.outputs import prepare_output_dir, write_atomic, write_run_info
+from utils.prompt_length import drop_over_long
 from utils.prompts import trm_messages
 from utils.rewards import parse_score
 from utils.zero3 import load_checkpoint, save_checkpoint, save_hf_model
@@ -46,6 +47,11 @@ def parse_args(argv=None):
     g.add_argument("--eval-split-fraction", type=float, default=0.02,
                    help="fraction of the questions held out of --train-data when no --eval-data is given")
     g.add_argument("--output-dir", required=True)
+    g.add_argument("--max-length", type=int, default=8192,
+                   help="longer examples (tokens of prompt, images and target) are dropped at load time (the "
+                        "default is the serve launcher's --max-model-len)")
+    g.add_argument("--fatal-bad-rows", action="store_true",
+                   help="stop at a row whose image cannot be decoded (default: replace it by the next readable row)")
     add_model_arguments(g)
 
     g = p.add_argument_group("optimisation")
@@ -78,7 +84,7 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     positive = ["epochs", "learning_rate", "micro_batch_size", "gradient_accumulation_steps", "eval_max_samples",
-                "eval_batch_size", "eval_max_new_tokens", "save_every", "dist_timeout_minutes"]
+                "eval_batch_size", "eval_max_new_tokens", "save_every", "dist_timeout_minutes", "max_length"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -138,16 +144,16 @@ def aligned_eval_batches(rows: list[dict], batch_size: int, rank: int, world_siz
 
 
 @torch.no_grad()
-def evaluate_judge(model, processor, rows: list[dict], args, rank: int, world_size: int) -> dict:
+def evaluate_judge(model, processor, eval_data: ReadableRows, args, rank: int, world_size: int) -> dict:
     """Held-out loss on the target span, and the MAE of the greedily generated score (parse failures
     counted apart, not scored), summed over all ranks."""
     model.eval()
     totals = dict.fromkeys(["loss", "tokens", "abs_error", "parsed", "rows"], 0.0)
-    for batch_rows, weights in aligned_eval_batches(rows, args.eval_batch_size, rank, world_size):
-        images = [open_images(row) for row in batch_rows]
+    for batch_rows, weights in aligned_eval_batches(eval_data.rows, args.eval_batch_size, rank, world_size):
+        batch_rows, images = eval_data.open(batch_rows)  # a bad row's replacement has images too
         loss_sums, token_counts = target_losses(model, make_batch(processor, batch_rows, images))
         chats = [trm_messages(r["question"], r["response"], len(i)) for r, i in zip(batch_rows, images)]
-        texts, _ = hf_generate(model, processor, chats, images, max_new_tokens=args.eval_max_new_tokens)
+        texts, _ = hf_generate(model, processor, chats, images, Sampling(max_new_tokens=args.eval_max_new_tokens))
         for row, weight, loss, tokens, text in zip(batch_rows, weights, loss_sums.tolist(), token_counts.tolist(), texts):
             score = parse_score(text)
             totals["loss"] += weight * loss
@@ -192,6 +198,18 @@ def main(argv=None):
     # ---- model under ZeRO-3, optimizer, warm-up + cosine schedule ----
     dtype = resolve_dtype(args.dtype)
     processor = load_processor(args.model_path, args.min_pixels, args.max_pixels)
+    train_rows = drop_over_long(train_rows, example_lengths(processor, train_rows, args.max_length), args.max_length,
+                                "--max-length", f"--train-data {args.train_data}", log=rank == 0)
+    if eval_rows:
+        eval_rows = drop_over_long(eval_rows, example_lengths(processor, eval_rows, args.max_length), args.max_length,
+                                   "--max-length", "the held-out rows", log=rank == 0)
+    train_data, eval_data = (ReadableRows(rows, fatal=args.fatal_bad_rows) for rows in (train_rows, eval_rows))
+    steps_per_epoch = len(train_rows) // global_batch
+    if steps_per_epoch == 0:
+        raise InputError(f"--train-data {args.train_data}: the {len(train_rows)} training rows within --max-length "
+                         f"are fewer than one batch of {global_batch}")
+    total_steps = args.epochs * steps_per_epoch
+    last_step = min(total_steps, args.max_steps or total_steps)
     ds_config = zero3_train_config(
         micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         world_size=world_size, bf16=dtype == torch.bfloat16, gradient_clipping=args.max_grad_norm,
@@ -220,25 +238,27 @@ def main(argv=None):
                     disable=rank != 0)
     for step in progress:
         t0 = time.perf_counter()
-        rows = [train_rows[i] for i in step_indices(len(train_rows), step, steps_per_epoch, global_batch, args.seed)]
+        indices = step_indices(len(train_rows), step, steps_per_epoch, global_batch, args.seed)
+        replaced_before = train_data.replaced
         losses = []
         for micro in range(args.gradient_accumulation_steps):
             start = (micro * world_size + rank) * args.micro_batch_size
-            batch = make_batch(processor, rows[start:start + args.micro_batch_size])
+            rows, images = train_data.open([train_rows[i] for i in indices[start:start + args.micro_batch_size]])
+            batch = make_batch(processor, rows, images)
             loss_sums, token_counts = target_losses(engine, batch)
             loss = loss_sums.sum() / token_counts.sum()
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
-        loss_sum, count = sum_across_ranks(sum(losses), len(losses))
+        loss_sum, count, bad_rows = sum_across_ranks(sum(losses), len(losses), train_data.replaced - replaced_before)
         step_time = time.perf_counter() - t0
         metrics = {"loss": loss_sum / count, "lr": engine.get_lr()[0], "epoch": (step - 1) / steps_per_epoch,
-                   "step_time": step_time, "samples_per_s": global_batch / step_time}
+                   "step_time": step_time, "samples_per_s": global_batch / step_time, "data/bad_rows": bad_rows}
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         if eval_rows and ((args.eval_every and step % args.eval_every == 0) or step == last_step):
-            eval_metrics = evaluate_judge(engine.module, processor, eval_rows, args, rank, world_size)
+            eval_metrics = evaluate_judge(engine.module, processor, eval_data, args, rank, world_size)
             # generation runs the vision tower inside the model, training before it: ZeRO-3's prefetch,
             # which follows the recorded module order, may have fetched parameters nobody used
             engine.empty_partition_cache()
