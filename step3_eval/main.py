@@ -11,6 +11,7 @@ GPU, and sharded generation would need synced_gpus, which is much slower).
 """
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -22,9 +23,11 @@ import torch
 from tqdm import tqdm
 
 from step3_eval.metrics import benchmark_summary, scores_csv
+from step3_eval.skipped import default_max_prompt_length, over_long, skipped_prediction, skipped_summary
 from step3_eval.vlmeval_tsv import read_vlmeval_tsv, result_tsv
 from utils.cli import InputError, exit_on_input_error
 from utils.data import load_registry, load_rows, open_images
+from utils.prompt_length import sharded_prompt_lengths
 from utils.prompts import policy_messages
 from utils.rewards import extract_answer, has_think_answer_format, outcome_reward
 from utils.outputs import prepare_output_dir, write_atomic, write_run_info
@@ -54,13 +57,20 @@ def parse_args(argv=None):
     parser.add_argument("--attn-implementation", default="auto",
                         help="auto: flash_attention_2 on CUDA when flash_attn imports, else sdpa (hf backend)")
     parser.add_argument("--max-model-len", type=int, default=8192, help="vllm backend: context length")
+    parser.add_argument("--max-prompt-length", type=int, default=None,
+                        help="longer prompts (tokens, images included) are skipped: scored 0 and listed (default: "
+                        "the context, --max-model-len or the model's max_position_embeddings, less --max-new-tokens)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm backend")
     parser.add_argument("--max-answer-chars", type=int, default=4096, help="longer answers score 0")
+    parser.add_argument("--strict-format", action="store_true",
+                        help="score only replies with nothing but whitespace between </think> and <answer> and "
+                        "nothing after the last </answer>, which is the one read (default: the reference's gate, "
+                        "the first answer)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "max_new_tokens", "max_model_len", "max_answer_chars"):
-        if getattr(args, flag) <= 0:
+    for flag in ("batch_size", "max_new_tokens", "max_model_len", "max_answer_chars", "max_prompt_length"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise InputError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.max_samples is not None and args.max_samples <= 0:
         raise InputError(f"--max-samples must be positive, got {args.max_samples}")
@@ -111,21 +121,27 @@ def load_eval_rows(args) -> list:
 
 
 def build_generator(args, rank: int, max_images: int):
-    """A function: (list of chats, list of image lists) -> list of completion texts."""
+    """A function: (list of chats, list of image lists) -> list of completion texts. Both backends decode
+    greedily with no repetition penalty (VLMEvalKit's setting), whatever the checkpoint's generation_config.json
+    says, from images resized once by the processor's rule (utils.vision), so they agree token for token."""
+    from utils.generation import Sampling
     from utils.model import load_processor, resolve_dtype
+    from utils.vision import resize_images
 
     processor = load_processor(args.model_path, args.min_pixels, args.max_pixels)
     dtype = resolve_dtype(args.dtype)
+    greedy = Sampling(max_new_tokens=args.max_new_tokens)
     if args.backend == "vllm":
         from utils.generation import build_vllm, vllm_generate, vllm_sampling_params
 
         llm = build_vllm(
-            args.model_path, dtype=str(dtype).removeprefix("torch."), max_model_len=args.max_model_len,
+            args.model_path, processor, dtype=str(dtype).removeprefix("torch."), max_model_len=args.max_model_len,
             max_images=max_images, seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
             colocated=torch.distributed.is_initialized(),
         )
-        greedy = vllm_sampling_params(processor, temperature=0.0, max_tokens=args.max_new_tokens)
-        return lambda chats, images: [out.outputs[0].text for out in vllm_generate(llm, processor, chats, images, greedy)]
+        params = vllm_sampling_params(processor, greedy)
+        return lambda chats, images: [out.outputs[0].text for out in vllm_generate(
+            llm, processor, chats, [resize_images(i, processor) for i in images], params)]
 
     from utils.generation import hf_generate
     from utils.model import load_model
@@ -133,20 +149,32 @@ def build_generator(args, rank: int, max_images: int):
     model = load_model(args.model_path, dtype, args.attn_implementation).eval()
     if torch.cuda.is_available():
         model.to(f"cuda:{torch.cuda.current_device()}")
-    return lambda chats, images: hf_generate(model, processor, chats, images, max_new_tokens=args.max_new_tokens)[0]
+    return lambda chats, images: hf_generate(model, processor, chats, [resize_images(i, processor) for i in images],
+                                             greedy)[0]
 
 
-def evaluate_shard(rows: list, indices: list, generate, args, show_progress: bool) -> list:
+def eval_chat(row: dict, num_images: int, args) -> list:
+    return policy_messages(row["prompt"], row["problem_type"], row["options"], num_images=num_images,
+                           template=args.prompt_template, hint=row.get("hint"))
+
+
+def evaluate_shard(rows: list, indices: list, generate, args, show_progress: bool, skipped: dict) -> list:
+    """Predictions of the rows at `indices`. `skipped` ({index: reason}, the over-long prompts) gains the rows
+    whose images fail to decode; each skipped row gets its scored-0 line (step3_eval/skipped.py)."""
     predictions = []
     batches = [indices[i:i + args.batch_size] for i in range(0, len(indices), args.batch_size)]
     for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not show_progress):
-        images = [open_images(rows[i]) for i in batch]
-        chats = [
-            policy_messages(rows[i]["prompt"], rows[i]["problem_type"], rows[i]["options"], num_images=len(imgs),
-                            template=args.prompt_template, hint=rows[i].get("hint"))
-            for i, imgs in zip(batch, images)
-        ]
-        for i, completion in zip(batch, generate(chats, images)):
+        usable, images = [], []
+        for i in (i for i in batch if i not in skipped):
+            try:
+                images.append(open_images(rows[i]))
+                usable.append(i)
+            except InputError as err:  # e.g. a JPEG cut short inside its pixel data: verify() passed it at load
+                skipped[i] = f"unreadable image: {err}"
+                logging.getLogger(__name__).warning("%s; the row is skipped (scored 0)", err)
+        predictions += [skipped_prediction(i, rows[i], skipped[i]) for i in batch if i in skipped]
+        chats = [eval_chat(rows[i], len(imgs), args) for i, imgs in zip(usable, images)]
+        for i, completion in zip(usable, generate(chats, images) if usable else []):
             row = rows[i]
             predictions.append({
                 "index": i,
@@ -156,9 +184,9 @@ def evaluate_shard(rows: list, indices: list, generate, args, show_progress: boo
                 "prompt": row["prompt"],
                 "answer": row["answer"],
                 "prediction": completion,
-                "extracted": extract_answer(completion),
+                "extracted": extract_answer(completion, last=args.strict_format),
                 "score": outcome_reward(completion, row["answer"], row["problem_type"],
-                                        max_answer_chars=args.max_answer_chars),
+                                        max_answer_chars=args.max_answer_chars, strict_format=args.strict_format),
             })
     return predictions
 
@@ -171,7 +199,7 @@ def gather_in_input_order(predictions: list, world_size: int) -> list:
     return sorted(predictions, key=lambda p: p["index"])
 
 
-def summarize(predictions: list) -> dict:
+def summarize(predictions: list, strict_format: bool = False) -> dict:
     def mean_by(key):
         groups = defaultdict(list)
         for p in predictions:
@@ -183,8 +211,9 @@ def summarize(predictions: list) -> dict:
         "overall": {"score": sum(scores) / len(scores), "count": len(scores)},
         "by_problem_type": mean_by("problem_type"),
         "by_dataset": mean_by("dataset"),
-        # the format outcome_reward gates on (<think>...</think><answer>...</answer>), not just an <answer> tag
-        "format_ok": sum(has_think_answer_format(p["prediction"]) for p in predictions) / len(predictions),
+        # the format outcome_reward gates on (<think>...</think> ... <answer>...</answer>), not just an <answer> tag
+        "format_ok": sum(has_think_answer_format(p["prediction"].replace("$", ""), strict=strict_format)
+                         for p in predictions) / len(predictions),
     }
 
 
@@ -194,7 +223,8 @@ def report_benchmarks(rows: list, predictions: list, args) -> dict:
     for name in dict.fromkeys(row["dataset"] for row in rows if "source" in row):
         picked = [k for k, row in enumerate(rows) if row["dataset"] == name]
         bench_rows, bench_predictions = [rows[k] for k in picked], [predictions[k] for k in picked]
-        benchmarks[name], scores = benchmark_summary(name, bench_rows, bench_predictions, args.max_answer_chars)
+        benchmarks[name], scores = benchmark_summary(name, bench_rows, bench_predictions, args.max_answer_chars,
+                                                     args.strict_format)
         write_atomic(os.path.join(args.output_dir, f"{name}_predictions.tsv"),
                      result_tsv(bench_rows, bench_predictions, scores))
     if benchmarks:
@@ -212,6 +242,18 @@ def print_table(summary: dict) -> None:
             print(f"{name:<32}{100 * entry['score']:>8.1f}{entry['count']:>8}")
     overall = summary["overall"]
     print(f"{'overall':<32}{100 * overall['score']:>8.1f}{overall['count']:>8}")
+    if summary["skipped"]["count"]:
+        print(f"{summary['skipped']['count']} rows skipped (over-long or unreadable), scored 0: see summary.json")
+
+
+def over_long_rows(args, rows: list, rank: int) -> dict:
+    """{row index: reason} for the prompts over --max-prompt-length, measured as the model will see them."""
+    from utils.model import load_processor
+
+    processor = load_processor(args.model_path, args.min_pixels, args.max_pixels)
+    max_length = args.max_prompt_length or default_max_prompt_length(args)
+    lengths = sharded_prompt_lengths(processor, rows, lambda row: eval_chat(row, len(row["images"]), args), max_length)
+    return over_long(rows, lengths, max_length, log=rank == 0)
 
 
 @exit_on_input_error
@@ -223,9 +265,10 @@ def main(argv=None):
     if rank == 0:
         prepare_output_dir(args.output_dir)
         write_run_info(args.output_dir, args)
+    skipped = over_long_rows(args, rows, rank)
     max_images = max(len(row["images"]) for row in rows)
     generate = build_generator(args, rank, max_images)
-    predictions = evaluate_shard(rows, list(range(rank, len(rows), world_size)), generate, args, rank == 0)
+    predictions = evaluate_shard(rows, list(range(rank, len(rows), world_size)), generate, args, rank == 0, skipped)
     predictions = gather_in_input_order(predictions, world_size)
     if rank == 0:
         write_results(args, rows, predictions)
@@ -236,10 +279,11 @@ def main(argv=None):
 
 
 def write_results(args, rows: list, predictions: list) -> None:
-    summary = summarize(predictions)
+    summary = summarize(predictions, args.strict_format)
     summary["benchmarks"] = report_benchmarks(rows, predictions, args)
+    summary["skipped"] = skipped_summary(predictions)
     summary.update(model_path=args.model_path, data_path=args.data_path, benchmark_tsv=args.benchmark_tsv,
-                   prompt_template=args.prompt_template, backend=args.backend)
+                   prompt_template=args.prompt_template, backend=args.backend, strict_format=args.strict_format)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
     write_atomic(os.path.join(args.output_dir, "predictions.jsonl"), lines)
     write_atomic(os.path.join(args.output_dir, "summary.json"), json.dumps(summary, indent=2))
