@@ -8,35 +8,22 @@
 
 Each stage's log goes to <output-dir>/<stage>.log; a failing stage stops the pipeline and prints
 its log's tail. The TRM server is always stopped, also on failure or Ctrl-C. A stage whose outputs
-exist is skipped when the command is run again (--force reruns everything).
+exist is skipped when the command is run again (--force reruns everything): the "done" markers of
+utils/pipeline.py.
 """
 import argparse
 import datetime
-import importlib.util
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
-from utils.cli import InputError
-from utils.data import max_images_per_prompt
+from sophiavl.demo.report import write_report
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.data import max_images_per_prompt
+from sophiavl.utils.pipeline import Pipeline, StageFailed, tiny_setup, with_trm_server
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-PYTHON = sys.executable
-DEEPSPEED = os.path.join(os.path.dirname(PYTHON), "deepspeed")
-
-
-def load_by_path(name: str, relative_path: str):
-    """Stages never import each other; the pipeline loads the one helper it needs by file path."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relative_path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-serve = load_by_path("trm_serve", "step1_reward_model/serve.py")
 
 
 def parse_args(argv=None):
@@ -78,89 +65,6 @@ def parse_args(argv=None):
     return args
 
 
-class StageFailed(RuntimeError):
-    pass
-
-
-class Pipeline:
-    def __init__(self, args):
-        self.args = args
-        self.out = os.path.abspath(args.output_dir)
-        os.makedirs(self.out, exist_ok=True)
-        self.seconds_path = self.path("stage_seconds.json")  # kept across reruns: a resumed run keeps its times
-        self.seconds = {}
-        if os.path.exists(self.seconds_path):
-            with open(self.seconds_path) as f:
-                self.seconds = json.load(f)
-
-    def path(self, *parts) -> str:
-        return os.path.join(self.out, *parts)
-
-    def run(self, stage: str, command: list[str], done_when: str | None = None, env: dict | None = None) -> None:
-        """Run one stage, its output to <stage>.log; skipped when `done_when` exists (unless --force)."""
-        if done_when and os.path.exists(done_when) and not self.args.force:
-            print(f"[{stage}] done already ({os.path.relpath(done_when, self.out)} exists), skipped")
-            return
-        log_path = self.path(f"{stage}.log")
-        print(f"[{stage}] running, log: {log_path}", flush=True)
-        start = time.perf_counter()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHON": PYTHON,
-               "MASTER_PORT": str(free_port()), **(env or {})}
-        if self.args.deployment_type == "single_gpu":
-            env["NUM_GPUS"] = "1"
-        with open(log_path, "w") as log:
-            code = subprocess.call(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.seconds[stage] = round(time.perf_counter() - start, 1)
-        with open(self.seconds_path, "w") as f:
-            json.dump(self.seconds, f, indent=1)
-        if code != 0:
-            with open(log_path, errors="replace") as f:
-                tail = "".join(f.readlines()[-30:])
-            raise StageFailed(f"[{stage}] failed (exit {code}) after {self.seconds[stage]} s; last lines of "
-                              f"{log_path}:\n{tail}")
-        print(f"[{stage}] finished in {self.seconds[stage]} s", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def with_trm_server(pipeline: Pipeline, trm_dir: str, max_images: int, body) -> None:
-    """Start the TRM server, wait until it answers, run `body(url)`, and always stop the server.
-    `max_images`: its images-per-request cap, the most of any step-2 prompt (step 2 sends them all; vLLM answers
-    a request over the cap with HTTP 400); step 2 gets the same number as --trm-max-images."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    print(f"[trm-server] starting vllm on {trm_dir} at {url}, at most {max_images} images per request", flush=True)
-    proc = serve.start_server(trm_dir, port, log_path=pipeline.path("trm_server.log"), max_model_len=4096,
-                              max_images=max_images)
-    try:
-        waited = serve.wait_ready(url, timeout=600, proc=proc)
-        print(f"[trm-server] ready after {waited:.0f} s", flush=True)
-        body(url)
-    finally:
-        serve.stop(proc)
-        print("[trm-server] stopped", flush=True)
-
-
-def tiny_setup(pipeline: Pipeline) -> tuple[str, str]:
-    """The tiny world every tiny run starts from: synthetic tasks + random-init model, then the
-    warm-started policy (policy_init/). Returns (assets folder, registry file)."""
-    a, out = pipeline.args, pipeline.path
-    assets = out("assets")
-    registry = out("assets", "data", "dataset_info.json")
-    pipeline.run("assets", [PYTHON, "demo/build_tiny_assets.py", "--out", assets, "--seed", str(a.seed),
-                            "--num-train", str(a.tiny_train_rows), "--num-test", str(a.tiny_test_rows)],
-                 done_when=registry)
-    pipeline.run("warm_start", [PYTHON, "demo/warm_start.py", "--model", out("assets", "model"),
-                                "--train", out("assets", "data", "tiny_train.json"), "--output", out("policy_init"),
-                                "--steps", str(a.warm_start_steps), "--seed", str(a.seed)],
-                 done_when=out("policy_init", "config.json"))
-    return assets, registry
-
-
 def tiny(pipeline: Pipeline) -> dict:
     """The tiny CPU pipeline: tiny assets, warm start, steps 1-3, summary and report."""
     a, out = pipeline.args, pipeline.path
@@ -188,8 +92,7 @@ def tiny(pipeline: Pipeline) -> dict:
         for stage, model in (("step3_before", out("policy_init")), ("step3_after", out("step2", "final"))):
             pipeline.run(stage, ["bash", "step3_eval/training_scripts/run_tiny_cpu.sh", model, registry, out(stage)],
                          done_when=out(stage, "summary.json"))
-    report = load_by_path("tiny_report", "demo/report.py")
-    return report.write_report(pipeline.out, pipeline.seconds)
+    return write_report(pipeline.out, pipeline.seconds)
 
 
 def gpus(pipeline: Pipeline) -> None:
@@ -218,7 +121,7 @@ def gpus(pipeline: Pipeline) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    pipeline = Pipeline(args)
+    pipeline = Pipeline(args, REPO)
     start = time.perf_counter()
     try:
         if args.deployment_type == "tiny":

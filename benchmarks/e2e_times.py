@@ -9,13 +9,9 @@ summary.json holds "stage_seconds" ({stage: seconds}, in the order the stages ra
 import argparse
 import json
 import os
-import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from utils.cli import InputError, exit_on_input_error  # noqa: E402
+from sophiavl.utils.cli import InputError, exit_on_input_error
 
 FABRICATED = {"wall_seconds": 10.0, "stage_seconds": {"assets": 1.0, "warm_start": 2.0, "step1": 3.0, "step2": 3.5,
                                                       "step3_before": 0.25, "step3_after": 0.25}}

@@ -18,22 +18,16 @@ import argparse
 import glob
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from sophiavl.utils.pipeline import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 PHASES = ("generation", "reward", "update", "step_time")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def single_process_env() -> dict:
@@ -110,8 +104,8 @@ def run_trl(model: str, registry: str, out_dir: str, job: dict, log) -> list[dic
 def trl_dataset(job: dict):
     from datasets import Dataset
 
-    from utils.data import load_rows, open_images
-    from utils.prompts import policy_messages
+    from sophiavl.utils.data import load_rows, open_images
+    from sophiavl.utils.prompts import policy_messages
 
     rows = load_rows("bench_images", job["registry"])
     return Dataset.from_list([{"prompt": policy_messages(r["prompt"], r["problem_type"], r["options"], 1),
@@ -120,8 +114,8 @@ def trl_dataset(job: dict):
 
 
 def outcome(completions, solution, problem_type, **kwargs) -> list[float]:
-    """The same outcome reward as ours (utils.rewards.outcome_reward), as a TRL reward function."""
-    from utils.rewards import outcome_reward
+    """The same outcome reward as ours (utils.outcome_reward.outcome_reward), as a TRL reward function."""
+    from sophiavl.utils.outcome_reward import outcome_reward
 
     return [outcome_reward(c[0]["content"], s, t) for c, s, t in zip(completions, solution, problem_type)]
 
@@ -131,8 +125,8 @@ def trl_worker(job_file: str) -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from utils.ds_config import zero3_train_config
-    from utils.model import load_processor
+    from sophiavl.utils.ds_config import zero3_train_config
+    from sophiavl.utils.model import load_processor
 
     with open(job_file) as f:
         job = json.load(f)
@@ -219,8 +213,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or tmp
         os.makedirs(work, exist_ok=True)
-        sys.path.insert(0, os.path.join(REPO, "demo"))
-        from build_tiny_assets import asset_paths, build
+        from sophiavl.demo.build_tiny_assets import asset_paths, build
 
         assets = asset_paths(args.assets) if args.assets else build(os.path.join(work, "assets"), num_train=60,
                                                                     num_test=4)

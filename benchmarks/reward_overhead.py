@@ -22,17 +22,17 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from step2_trust_grpo.loss import group_advantages
+from step2_trust_grpo.rewards import final_rewards, outcome_rewards
+from sophiavl.utils.prompts import PROBLEM_TYPES
+from sophiavl.utils.outcome_reward import extract_answer, outcome_reward, parse_score
 
-from step2_trust_grpo.loss import group_advantages  # noqa: E402
-from step2_trust_grpo.rewards import final_rewards, outcome_rewards  # noqa: E402
-from utils.prompts import PROBLEM_TYPES  # noqa: E402
-from utils.rewards import extract_answer, outcome_reward, parse_score  # noqa: E402
+if not __package__:  # run as a script (`python benchmarks/reward_overhead.py`): its sibling grpo_vs_trl is imported
+    from sophiavl.utils.stage import stage_package
+    __package__ = stage_package(__file__)
 
 WORDS = ("let me think about the chart wait the second bar is taller hmm so we compare the values "
          "oh I see the total is the sum of both parts let's break it down and verify again").split()
@@ -105,10 +105,9 @@ def measured_step(step_metrics: str | None, samples_per_rank: int | None, warmup
             rows = [json.loads(line) for line in f if line.strip()][warmup:]
         source = step_metrics
     else:
-        import grpo_vs_trl
+        from sophiavl.demo.build_tiny_assets import build
 
-        sys.path.insert(0, os.path.join(REPO, "demo"))
-        from build_tiny_assets import build
+        from . import grpo_vs_trl
 
         job = argparse.Namespace(prompts=2 if quick else 16, num_generations=4 if quick else 8,
                                  micro_batch_size=4 if quick else 32, max_completion_length=8 if quick else 32,

@@ -5,13 +5,9 @@ Target: well under 1 ms for plain numbers and option letters (the fast paths run
     python benchmarks/reward_speed.py [--calls 2000]
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from utils.rewards import outcome_reward, parse_score  # noqa: E402
+from sophiavl.utils.outcome_reward import outcome_reward, parse_score
 
 THINK = "Let me think. The chart shows five bars; wait, let me count again... yes, five."
 CASES = [

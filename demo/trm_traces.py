@@ -32,15 +32,10 @@ import json
 import os
 import random
 import re
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # run as a script: make `utils` importable
-    sys.path.insert(0, REPO)
-
-from utils.cli import InputError, exit_on_input_error  # noqa: E402
-from utils.data import load_registry, load_rows  # noqa: E402
-from utils.prompts import format_question  # noqa: E402
+from sophiavl.utils.cli import InputError, exit_on_input_error
+from sophiavl.utils.data import load_registry, load_rows
+from sophiavl.utils.prompts import format_question
 
 PENALTY_TENTHS = {"extraneous": 1, "repetition": 2, "language_switch": 3, "wrong_step": 5, "contradiction": 6,
                   "unsupported_answer": 7}

@@ -14,19 +14,16 @@ import json
 import math
 import os
 import random
-import sys
+import shutil
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-import synthetic_tasks as tasks
-from utils.model import chat_inputs, load_model, load_processor
-from utils.prompts import policy_messages
+from sophiavl.demo import synthetic_tasks as tasks
+from sophiavl.utils.model import chat_inputs, load_model, load_processor
+from sophiavl.utils.prompts import policy_messages
 
 COLOUR_SLIP = {"red": "green", "green": "blue", "blue": "yellow", "yellow": "red"}
 
@@ -115,8 +112,13 @@ def main(argv=None):
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(loss=f"{loss.item():.3f}")
-    model.save_pretrained(args.output)
-    processor.save_pretrained(args.output)
+    # saved aside and renamed: its config.json is the pipeline's "done" marker (utils/pipeline.py)
+    tmp = f"{args.output}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(args.output, ignore_errors=True)
+    os.replace(tmp, args.output)
     print(f"warm start: {args.steps} steps in {time.perf_counter() - start:.0f} s, final loss {loss.item():.3f}; "
           f"saved {args.output}")
 

@@ -22,11 +22,16 @@ import shlex
 import sys
 from itertools import groupby
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from sophiavl.utils.data import max_images_per_prompt
+from sophiavl.utils.pipeline import Pipeline, StageFailed, tiny_setup, with_trm_server
 
-import train  # noqa: E402  (the one-click pipeline: its stages, stage runner and TRM server handling)
-from experiments import ablations_report  # noqa: E402
+if not __package__:  # run as a script (`python experiments/ablations.py`)
+    from sophiavl.utils.stage import stage_package
+    __package__ = stage_package(__file__)
+
+from . import ablations_report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TRM_LABELS = {"trained": "true", "hacked": "inverted", "untrained": "shuffled"}
 ARMS = {  # name -> (step-2 --variant, TRM condition)
@@ -64,7 +69,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.key_seeds < 1 or args.other_seeds < 1 or args.step2_steps < 1:
         p.error("--key-seeds, --other-seeds and --step2-steps must be >= 1")
-    args.seed, args.force, args.deployment_type = 0, False, "tiny"  # what train.Pipeline reads
+    args.seed, args.force, args.deployment_type = 0, False, "tiny"  # what utils.pipeline reads
     return args
 
 
@@ -86,7 +91,7 @@ def run_dir(out: str, arm: str, seed: int) -> str:
     return os.path.join(out, "runs", f"{arm.replace('/', '__')}-seed{seed}")
 
 
-def train_trm(pipeline: train.Pipeline, condition: str, assets: str, args) -> str:
+def train_trm(pipeline: Pipeline, condition: str, assets: str, args) -> str:
     """Step 1 on the condition's labels (evaluated against the true ones); returns the judge's directory."""
     out = pipeline.path(f"trm_{condition}")
     pipeline.run(f"step1_{condition}", ["bash", "step1_reward_model/training_scripts/train_tiny_cpu.sh", out, assets,
@@ -95,7 +100,8 @@ def train_trm(pipeline: train.Pipeline, condition: str, assets: str, args) -> st
     return os.path.join(out, "final")
 
 
-def step2_run(pipeline: train.Pipeline, registry: str, arm: str, seed: int, trm_url: str | None, args) -> None:
+def step2_run(pipeline: Pipeline, registry: str, arm: str, seed: int, trm_url: str | None, max_images: int,
+              args) -> None:
     variant = ARMS[arm][0]
     steps = args.step2_steps
     out = run_dir(pipeline.out, arm, seed)
@@ -103,17 +109,19 @@ def step2_run(pipeline: train.Pipeline, registry: str, arm: str, seed: int, trm_
         "bash", "step2_trust_grpo/training_scripts/run_tiny_cpu.sh", pipeline.path("policy_init"), registry, out,
         trm_url or "none", "--variant", variant, "--seed", str(seed), "--max-steps", str(steps),
         "--save-every", str(max(steps // 2, 1)), "--eval-every", str(steps), "--sample-every", str(steps),
-        "--log-completions", "--resume", *args.step2_extra.split()],
+        "--log-completions", "--resume", *(["--trm-max-images", str(max_images)] if trm_url else []),
+        *args.step2_extra.split()],
         done_when=os.path.join(out, "final", "config.json"))
 
 
-def run_all(pipeline: train.Pipeline, args) -> None:
-    assets, registry = train.tiny_setup(pipeline)
+def run_all(pipeline: Pipeline, args) -> None:
+    assets, registry = tiny_setup(pipeline)
     pipeline.run("step3_before", ["bash", "step3_eval/training_scripts/run_tiny_cpu.sh", pipeline.path("policy_init"),
                                   registry, pipeline.path("step3_before")],
                  done_when=pipeline.path("step3_before", "summary.json"))
     plan = planned_runs(args)
     conditions = [c for c in CONDITION_ORDER[1:] if any(ARMS[arm][1] == c for arm, _ in plan)]
+    max_images = max_images_per_prompt("tiny_train", registry)  # the TRM server's cap: the data run_tiny_cpu.sh uses
     trm_dirs = {condition: train_trm(pipeline, condition, assets, args) for condition in conditions}
 
     pending = [(arm, seed) for arm, seed in plan
@@ -122,21 +130,21 @@ def run_all(pipeline: train.Pipeline, args) -> None:
     for condition, runs in groupby(pending, key=lambda run: ARMS[run[0]][1]):
         def run_each(trm_url, runs=list(runs)):
             for arm, seed in runs:
-                step2_run(pipeline, registry, arm, seed, trm_url, args)
+                step2_run(pipeline, registry, arm, seed, trm_url, max_images, args)
 
         if condition is None:
             run_each(None)
         else:
-            train.with_trm_server(pipeline, trm_dirs[condition], run_each)
+            with_trm_server(pipeline, trm_dirs[condition], max_images, run_each)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    pipeline = train.Pipeline(args)
+    pipeline = Pipeline(args, REPO)
     if not args.report_only:
         try:
             run_all(pipeline, args)
-        except train.StageFailed as err:
+        except StageFailed as err:
             print(err, file=sys.stderr)
             return 1
         except KeyboardInterrupt:

@@ -3,17 +3,12 @@ import glob
 import json
 import os
 import statistics
-import sys
 from collections import defaultdict
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "demo"))
-
-from report import read_json, read_jsonl  # noqa: E402  (demo/report.py: the tiny pipeline's report)
-from trace_quality import sentences, think_text, think_words, trace_quality  # noqa: E402
-from trm_traces import read_reasoning  # noqa: E402
-from utils.trust import CORRECT_THRESHOLD, trust_weight  # noqa: E402
+from sophiavl.demo.report import read_json, read_jsonl
+from sophiavl.demo.trace_quality import sentences, think_text, think_words, trace_quality
+from sophiavl.demo.trm_traces import read_reasoning
+from sophiavl.utils.trust import CORRECT_THRESHOLD, trust_weight
 
 
 def summarize_run(path: str, reasoning: dict) -> dict:

@@ -9,7 +9,7 @@ venv=.venv
 target=cpu
 [ "${1:-}" = "--gpu" ] && target=gpu
 
-stamp="$venv/.setup-$target-$(cat requirements.txt requirements-$target.txt scripts/setup.sh scripts/patch_torchvision.py | sha1sum | cut -c1-12)"
+stamp="$venv/.setup-$target-$(cat requirements.txt requirements-$target.txt pyproject.toml scripts/setup.sh scripts/patch_torchvision.py | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ]; then
   echo "setup: $venv is up to date ($target)"
   exit 0
@@ -26,8 +26,11 @@ if [ "$target" = cpu ]; then
   "$venv/bin/python" -m pip uninstall --quiet -y torchaudio torchcodec triton 2>/dev/null || true
   "$venv/bin/python" scripts/patch_torchvision.py
 fi
+# this repo itself, editable: the stages by their folder names, utils/ and demo/ as sophiavl.utils / sophiavl.demo
+# (pyproject.toml). --no-deps: the requirements above are the dependency list, so this never pulls a CUDA torch.
+$pip --no-deps -e .
 # every requirement agrees on torch 2.13.0; any other here means a pin drifted (vllm pins torch exactly)
 "$venv/bin/python" -c "import sys, torch; v = torch.__version__.split('+')[0]; v == '2.13.0' or sys.exit(f'setup: torch {v} was installed, not 2.13.0: check the pins in requirements*.txt')"
-"$venv/bin/python" -c "import torch, transformers, deepspeed; print('setup: torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
+"$venv/bin/python" -c "import sophiavl.utils.cli, step2_trust_grpo.loss, torch, transformers, deepspeed; print('setup: torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
 rm -f "$venv"/.setup-*
 touch "$stamp"

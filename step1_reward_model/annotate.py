@@ -15,20 +15,21 @@ import hashlib
 import json
 import logging
 import os
-import sys
-
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jsonlines
 from PIL import Image
 from tqdm import tqdm
 
-from step1_reward_model.data import checked_judge_row
-from utils.cli import InputError, exit_on_input_error
-from utils.data import read_jsonl_objects
-from utils.outputs import prepare_output_dir
-from utils.trm_client import TRMClient
+from sophiavl.utils.cli import InputError, exit_on_input_error
+from sophiavl.utils.data import read_jsonl_objects
+from sophiavl.utils.outputs import prepare_output_dir
+from sophiavl.utils.trm_client import TRMClient
+
+if not __package__:  # run as a script (`deepspeed step1_reward_model/annotate.py`, or a copy of the folder)
+    from sophiavl.utils.stage import stage_package
+    __package__ = stage_package(__file__)
+
+from .data import checked_judge_row
 
 logger = logging.getLogger("annotate")
 

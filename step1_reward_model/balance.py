@@ -13,16 +13,12 @@ import logging
 import math
 import os
 import random
-import sys
-
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jsonlines
 
-from utils.cli import InputError, exit_on_input_error
-from utils.data import read_jsonl_objects
-from utils.outputs import prepare_output_dir, write_atomic
+from sophiavl.utils.cli import InputError, exit_on_input_error
+from sophiavl.utils.data import read_jsonl_objects
+from sophiavl.utils.outputs import prepare_output_dir, write_atomic
 
 logger = logging.getLogger("balance")
 

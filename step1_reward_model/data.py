@@ -13,11 +13,11 @@ import random
 
 import torch
 
-from utils.cli import InputError
-from utils.data import open_images, read_jsonl_objects
-from utils.model import chat_inputs
-from utils.prompt_length import sharded_prompt_lengths
-from utils.prompts import trm_messages
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.data import open_images, read_jsonl_objects
+from sophiavl.utils.model import chat_inputs
+from sophiavl.utils.prompt_length import sharded_prompt_lengths
+from sophiavl.utils.prompts import trm_messages
 
 logger = logging.getLogger(__name__)
 

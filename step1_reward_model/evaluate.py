@@ -18,21 +18,22 @@ import importlib.util
 import json
 import math
 import os
-import sys
 from collections import defaultdict
-
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tqdm import tqdm
 
-from step1_reward_model.balance import NUM_BUCKETS, interval_name, score_bucket
-from step1_reward_model.data import question_key, read_trm_rows
-from utils.cli import InputError, exit_on_input_error
-from utils.data import open_images
-from utils.outputs import prepare_output_dir, write_atomic, write_run_info
-from utils.prompts import trm_messages
-from utils.rewards import parse_score
+from sophiavl.utils.cli import InputError, exit_on_input_error
+from sophiavl.utils.data import open_images
+from sophiavl.utils.outputs import prepare_output_dir, write_atomic, write_run_info
+from sophiavl.utils.prompts import trm_messages
+from sophiavl.utils.outcome_reward import parse_score
+
+if not __package__:  # run as a script (`deepspeed step1_reward_model/evaluate.py`, or a copy of the folder)
+    from sophiavl.utils.stage import stage_package
+    __package__ = stage_package(__file__)
+
+from .balance import NUM_BUCKETS, interval_name, score_bucket
+from .data import question_key, read_trm_rows
 
 
 def average_ranks(values: list[float]) -> list[float]:
@@ -129,8 +130,8 @@ def score_in_process(rows: list[dict], model_path: str, batch_size: int, max_new
                      min_pixels: int | None, max_pixels: int | None) -> list[str]:
     import torch
 
-    from utils.generation import Sampling, hf_generate
-    from utils.model import load_model, load_processor, resolve_dtype
+    from sophiavl.utils.generation import Sampling, hf_generate
+    from sophiavl.utils.model import load_model, load_processor, resolve_dtype
 
     processor = load_processor(model_path, min_pixels, max_pixels)
     model = load_model(model_path, resolve_dtype(dtype)).eval()
@@ -146,7 +147,7 @@ def score_in_process(rows: list[dict], model_path: str, batch_size: int, max_new
 
 
 def score_with_endpoint(rows: list[dict], url: str, model_name: str, args) -> list[str | None]:
-    from utils.trm_client import TRMClient
+    from sophiavl.utils.trm_client import TRMClient
 
     client = TRMClient(url, model_name, max_concurrency=args.max_concurrency, timeout_s=args.timeout,
                        max_retries=args.max_retries, max_tokens=args.max_new_tokens)

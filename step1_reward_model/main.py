@@ -12,30 +12,32 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers.integrations import HfDeepSpeedConfig
 
-from step1_reward_model.data import IGNORE_INDEX, example_lengths, make_batch, read_trm_rows, split_by_question
-from utils.cli import InputError, exit_on_input_error
-from utils.data import ReadableRows, epoch_order
-from utils.distributed import init_distributed, shutdown, sum_across_ranks
-from utils.ds_config import zero3_train_config
-from utils.generation import Sampling, hf_generate
-from utils.metrics_log import MetricsLogger
-from utils.model import (add_model_arguments, apply_training_flags, encode_images_first, load_model, load_processor,
-                         resolve_dtype)
-from utils.outputs import prepare_output_dir, write_atomic, write_run_info
-from utils.prompt_length import drop_over_long
-from utils.prompts import trm_messages
-from utils.rewards import parse_score
-from utils.zero3 import load_checkpoint, save_checkpoint, save_hf_model
+from sophiavl.utils.cli import InputError, exit_on_input_error
+from sophiavl.utils.data import ReadableRows, epoch_order
+from sophiavl.utils.distributed import init_distributed, shutdown, sum_across_ranks
+from sophiavl.utils.ds_config import zero3_train_config
+from sophiavl.utils.generation import Sampling, hf_generate
+from sophiavl.utils.metrics_log import MetricsLogger
+from sophiavl.utils.arguments import add_model_arguments
+from sophiavl.utils.model import apply_training_flags, encode_images_first, load_model, load_processor, resolve_dtype
+from sophiavl.utils.outputs import prepare_output_dir, write_atomic, write_run_info
+from sophiavl.utils.prompt_length import drop_over_long
+from sophiavl.utils.prompts import trm_messages
+from sophiavl.utils.outcome_reward import parse_score
+from sophiavl.utils.zero3 import load_checkpoint, save_checkpoint, save_hf_model
+
+if not __package__:  # run as a script (`deepspeed step1_reward_model/main.py`, or a copy of the folder)
+    from sophiavl.utils.stage import stage_package
+    __package__ = stage_package(__file__)
+
+from .data import IGNORE_INDEX, example_lengths, make_batch, read_trm_rows, split_by_question
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Step 1: SFT of a Qwen2.5-VL thinking reward model under ZeRO-3.")

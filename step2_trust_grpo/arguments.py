@@ -1,10 +1,11 @@
 """Step-2 command line. Defaults follow the paper (docs/method.md); the tiny launcher sets its own."""
 import argparse
 
-from step2_trust_grpo.loss import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS
-from utils.cli import InputError
-from utils.model import add_model_arguments
-from utils.trm_client import normalize_base_url
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.arguments import add_model_arguments
+from sophiavl.utils.trm_client import normalize_base_url
+
+from .loss import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 
 VARIANTS = {  # the paper's Table 3, one switch each: (thinking reward, trust weight, annealing)
     "full": (True, True, True),

@@ -2,7 +2,7 @@
 import json
 import os
 
-from utils.metrics_log import drop_steps_after
+from sophiavl.utils.metrics_log import drop_steps_after
 
 
 class CompletionLog:

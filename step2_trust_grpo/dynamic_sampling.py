@@ -7,8 +7,8 @@ A round is a dict of lists laid out as the loop's: per prompt (rows, images, ...
 """
 import dataclasses
 import random
+from .rollout import Completions
 
-from step2_trust_grpo.rollout import Completions
 
 
 def zero_spread(rewards: list[float], num_generations: int) -> list[bool]:

@@ -3,7 +3,7 @@ entropy, and the clipped PPO loss with its KL term. The defaults are the paper's
 (README "GRPO variants") each change one piece."""
 import torch
 
-from utils.cli import InputError
+from sophiavl.utils.cli import InputError
 
 # token-mean: the reference's, per micro-batch. The last two are normalised over the whole step (all micro-batches
 # and ranks): the caller gives the denominator (step_denominator), so regrouping micro-batches cannot change them.

@@ -11,39 +11,43 @@ import logging
 import os
 import random
 import statistics
-import sys
 import time
 from collections import deque
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch
 from tqdm import tqdm
 from transformers.integrations import HfDeepSpeedConfig
 
-from step2_trust_grpo.arguments import check_args, parse_args
-from step2_trust_grpo.completion_log import CompletionLog
-from step2_trust_grpo.loss import (STEP_AGGREGATIONS, group_advantages, grpo_loss, kl_penalties,
-                                   rollout_is_weights, step_denominator, step_units)
-from step2_trust_grpo.policy import completion_batch, completion_logps
-from step2_trust_grpo.dynamic_sampling import fill_batch, first_prompt_index, refill_prompts
-from step2_trust_grpo.rewards import (final_rewards, merge_thinking_stats, outcome_rewards, overlong_penalties,
-                                      thinking_rewards, truncated)
-from step2_trust_grpo.rollout import HFRollout, VLLMRollout
-from utils.cli import RunAborted, exit_on_input_error
-from utils.data import ReadableRows, epoch_order, load_rows
-from utils.ds_config import zero3_inference_config, zero3_train_config
-from utils.metrics_log import MetricsLogger
-from utils.distributed import init_distributed, mean_across_ranks, min_across_ranks, shutdown, sum_across_ranks
-from utils.generation import Sampling, prompt_seed, stop_token_ids
-from utils.model import apply_training_flags, load_model, load_processor, resolve_dtype
-from utils.outputs import prepare_output_dir, write_run_info
-from utils.prompt_length import keep_within
-from utils.prompts import format_question, policy_messages
-from utils.trm_client import TRMClient
-from utils.vision import resize_images
-from utils.zero3 import load_checkpoint, save_checkpoint, save_hf_model
+from sophiavl.utils.cli import RunAborted, exit_on_input_error
+from sophiavl.utils.data import ReadableRows, epoch_order, load_rows
+from sophiavl.utils.ds_config import zero3_inference_config, zero3_train_config
+from sophiavl.utils.metrics_log import MetricsLogger
+from sophiavl.utils.distributed import init_distributed, mean_across_ranks, min_across_ranks, shutdown, sum_across_ranks
+from sophiavl.utils.generation import Sampling, prompt_seed, stop_token_ids
+from sophiavl.utils.model import apply_training_flags, load_model, load_processor, resolve_dtype
+from sophiavl.utils.outputs import prepare_output_dir, write_run_info
+from sophiavl.utils.prompt_length import keep_within
+from sophiavl.utils.prompts import format_question, policy_messages
+from sophiavl.utils.trm_client import TRMClient
+from sophiavl.utils.vision import resize_images
+from sophiavl.utils.zero3 import load_checkpoint, save_checkpoint, save_hf_model
+
+if not __package__:  # run as a script (`deepspeed step2_trust_grpo/main.py`, or a copy of the folder)
+    from sophiavl.utils.stage import stage_package
+    __package__ = stage_package(__file__)
+
+from .arguments import check_args, parse_args
+from .completion_log import CompletionLog
+from .loss import (STEP_AGGREGATIONS, group_advantages, grpo_loss, kl_penalties, rollout_is_weights, step_denominator,
+                   step_units)
+
+from .policy import completion_batch, completion_logps
+from .dynamic_sampling import fill_batch, first_prompt_index, refill_prompts
+from .rewards import (final_rewards, merge_thinking_stats, outcome_rewards, overlong_penalties, thinking_rewards,
+                      truncated)
+
+from .rollout import HFRollout, VLLMRollout
 
 
 def seed_step(seed: int, step: int, rank: int) -> int:
@@ -200,7 +204,7 @@ def abort_if_trm_down(window: deque, calls: int, failures: int, args) -> None:
 
 @torch.no_grad()
 def validate(rollout, eval_data: ReadableRows, rank: int, world_size: int, args) -> float:
-    from utils.rewards import outcome_reward
+    from sophiavl.utils.outcome_reward import outcome_reward
 
     mine = eval_data.rows[rank::world_size]
     total = 0.0
@@ -354,16 +358,16 @@ def main(argv=None):
             "tokens_per_s": sum(lengths) / max(t1 - t0, 1e-9),
             "lr": engine.get_lr()[0],
         }
+        counts = {"data/bad_rows": train_data.replaced - replaced_before}  # counts are summed over the ranks
         if trm_stats:
-            metrics.update({"trm/calls": trm_stats.calls, "trm/failures": trm_stats.failures,
-                            "trm/failed_groups": trm_stats.failed_groups,
-                            "trm/skipped_groups": trm_stats.skipped_groups,
-                            "trm/latency_s": statistics.fmean(trm_stats.latencies or [0.0])})
+            metrics["trm/latency_s"] = statistics.fmean(trm_stats.latencies or [0.0])
+            counts.update({"trm/calls": trm_stats.calls, "trm/failures": trm_stats.failures,
+                           "trm/failed_groups": trm_stats.failed_groups, "trm/skipped_groups": trm_stats.skipped_groups})
         metrics = mean_across_ranks(metrics)
+        metrics.update(zip(counts, sum_across_ranks(*counts.values())))
         metrics["trust/gamma_min"] = min_across_ranks(min(gammas))
         if args.rollout_is != "none":
             metrics["rollout_is/max"] = -min_across_ranks(-update["rollout_is/max"])
-        metrics["data/bad_rows"] = sum_across_ranks(train_data.replaced - replaced_before)[0]
         if eval_rows and args.eval_every and step % args.eval_every == 0:
             metrics["eval/accuracy"] = validate(rollout, eval_data, rank, world_size, args)
         logger.log(step, metrics)

@@ -3,8 +3,9 @@ import itertools
 
 import torch
 
-from step2_trust_grpo.loss import entropy_from_logits, selective_log_softmax
-from utils.model import chat_inputs, encode_images_first
+from sophiavl.utils.model import chat_inputs, encode_images_first
+
+from .loss import entropy_from_logits, selective_log_softmax
 
 
 def completion_batch(processor, chats: list, images: list, completion_ids: list[list[int]]) -> dict:

@@ -4,8 +4,8 @@ Completions are laid out group by group: the N samples of prompt k are entries k
 """
 from dataclasses import dataclass, field, fields
 
-from utils.rewards import outcome_reward
-from utils.trust import trust_rewards
+from sophiavl.utils.outcome_reward import outcome_reward
+from sophiavl.utils.trust import trust_rewards
 
 # --reference-parity: the reference code skips the TRM for uniform groups and for clearly wrong responses
 UNIFORM_RIGHT, UNIFORM_WRONG, CLEARLY_WRONG = 0.9, 0.1, 0.2

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.cli import InputError
-from utils.generation import Sampling, build_vllm, hf_generate, vllm_generate, vllm_sampling_params
-from utils.zero3 import gathered_weights
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.generation import Sampling, build_vllm, hf_generate, vllm_generate, vllm_sampling_params
+from sophiavl.utils.zero3 import gathered_weights
 
 
 @dataclass

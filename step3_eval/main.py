@@ -4,7 +4,7 @@
     python step3_eval/main.py --model-path M --benchmark-tsv LMUData/MMBench_DEV_EN.tsv,LMUData/MME.tsv --output-dir OUT
     deepspeed --num_gpus 8 step3_eval/main.py ...   # rows sharded across ranks, merged in input order
 
-Scores are rule-based (utils.rewards); MME and ChartQA also get their official metric (step3_eval/metrics.py).
+Scores are rule-based (utils.outcome_reward); MME and ChartQA also get their official metric (step3_eval/metrics.py).
 
 Each rank holds a full copy of the model (evaluation needs no ZeRO sharding: a 7B model fits one
 GPU, and sharded generation would need synced_gpus, which is much slower).
@@ -14,23 +14,26 @@ import json
 import logging
 import os
 import re
-import sys
 from collections import defaultdict
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 from tqdm import tqdm
 
-from step3_eval.metrics import benchmark_summary, scores_csv
-from step3_eval.skipped import default_max_prompt_length, over_long, skipped_prediction, skipped_summary
-from step3_eval.vlmeval_tsv import read_vlmeval_tsv, result_tsv
-from utils.cli import InputError, exit_on_input_error
-from utils.data import load_registry, load_rows, open_images
-from utils.prompt_length import sharded_prompt_lengths
-from utils.prompts import policy_messages
-from utils.rewards import extract_answer, has_think_answer_format, outcome_reward
-from utils.outputs import prepare_output_dir, write_atomic, write_run_info
+from sophiavl.utils.cli import InputError, exit_on_input_error
+from sophiavl.utils.data import load_registry, load_rows, open_images
+from sophiavl.utils.distributed import init_distributed, shutdown
+from sophiavl.utils.prompt_length import sharded_prompt_lengths
+from sophiavl.utils.prompts import policy_messages
+from sophiavl.utils.outcome_reward import extract_answer, has_think_answer_format, outcome_reward
+from sophiavl.utils.outputs import prepare_output_dir, write_atomic, write_run_info
+
+if not __package__:  # run as a script (`deepspeed step3_eval/main.py`, or a copy of the folder)
+    from sophiavl.utils.stage import stage_package
+    __package__ = stage_package(__file__)
+
+from .metrics import benchmark_summary, scores_csv
+from .skipped import default_max_prompt_length, over_long, skipped_prediction, skipped_summary
+from .vlmeval_tsv import read_vlmeval_tsv, result_tsv
 
 
 def parse_args(argv=None):
@@ -94,17 +97,6 @@ def parse_args(argv=None):
     return args
 
 
-def init_distributed() -> tuple[int, int]:
-    """Ranks under the deepspeed launcher, or a single process (rank 0 of 1) without it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from utils.distributed import init_distributed as init_process_group
-
-        return init_process_group()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return 0, 1
-
-
 def load_eval_rows(args) -> list:
     """--data-path names in order (a registry entry whose file is a .tsv read as a VLMEvalKit TSV), then the TSVs."""
     rows = []
@@ -124,15 +116,15 @@ def build_generator(args, rank: int, max_images: int):
     """A function: (list of chats, list of image lists) -> list of completion texts. Both backends decode
     greedily with no repetition penalty (VLMEvalKit's setting), whatever the checkpoint's generation_config.json
     says, from images resized once by the processor's rule (utils.vision), so they agree token for token."""
-    from utils.generation import Sampling
-    from utils.model import load_processor, resolve_dtype
-    from utils.vision import resize_images
+    from sophiavl.utils.generation import Sampling
+    from sophiavl.utils.model import load_processor, resolve_dtype
+    from sophiavl.utils.vision import resize_images
 
     processor = load_processor(args.model_path, args.min_pixels, args.max_pixels)
     dtype = resolve_dtype(args.dtype)
     greedy = Sampling(max_new_tokens=args.max_new_tokens)
     if args.backend == "vllm":
-        from utils.generation import build_vllm, vllm_generate, vllm_sampling_params
+        from sophiavl.utils.generation import build_vllm, vllm_generate, vllm_sampling_params
 
         llm = build_vllm(
             args.model_path, processor, dtype=str(dtype).removeprefix("torch."), max_model_len=args.max_model_len,
@@ -143,8 +135,8 @@ def build_generator(args, rank: int, max_images: int):
         return lambda chats, images: [out.outputs[0].text for out in vllm_generate(
             llm, processor, chats, [resize_images(i, processor) for i in images], params)]
 
-    from utils.generation import hf_generate
-    from utils.model import load_model
+    from sophiavl.utils.generation import hf_generate
+    from sophiavl.utils.model import load_model
 
     model = load_model(args.model_path, dtype, args.attn_implementation).eval()
     if torch.cuda.is_available():
@@ -248,7 +240,7 @@ def print_table(summary: dict) -> None:
 
 def over_long_rows(args, rows: list, rank: int) -> dict:
     """{row index: reason} for the prompts over --max-prompt-length, measured as the model will see them."""
-    from utils.model import load_processor
+    from sophiavl.utils.model import load_processor
 
     processor = load_processor(args.model_path, args.min_pixels, args.max_pixels)
     max_length = args.max_prompt_length or default_max_prompt_length(args)
@@ -259,7 +251,7 @@ def over_long_rows(args, rows: list, rank: int) -> dict:
 @exit_on_input_error
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size = init_distributed()
+    rank, world_size = init_distributed(single_process_group=False)  # ranks under the deepspeed launcher
     # rows first: a bad registry, dataset name or TSV must not leave a half-made output directory behind
     rows = load_eval_rows(args)[: args.max_samples]
     if rank == 0:
@@ -273,8 +265,6 @@ def main(argv=None):
     if rank == 0:
         write_results(args, rows, predictions)
     if world_size > 1:
-        from utils.distributed import shutdown
-
         shutdown()
 
 

@@ -7,7 +7,7 @@ import io
 import re
 from collections import defaultdict
 
-from utils.rewards import extract_answer, has_think_answer_format
+from sophiavl.utils.outcome_reward import extract_answer, has_think_answer_format
 
 RULE_BASED = "rule-based, not comparable"
 RELAXED_ACCURACY = "ChartQA relaxed accuracy (5% numeric tolerance)"
@@ -28,7 +28,7 @@ def metric_for(benchmark):
 
 
 def graded_answer(completion, max_answer_chars, strict_format=False):
-    """The <answer> text under the same gate as utils.rewards.outcome_reward (think/answer format, length cap)."""
+    """The <answer> text under the same gate as utils.outcome_reward.outcome_reward (think/answer format, length cap)."""
     completion = completion.replace("$", "")
     answer = None
     if has_think_answer_format(completion, strict=strict_format):

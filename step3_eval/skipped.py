@@ -6,7 +6,7 @@ and "skipped" giving the reason; summary.json lists them.
 """
 import logging
 
-from utils.cli import InputError
+from sophiavl.utils.cli import InputError
 
 logger = logging.getLogger(__name__)
 

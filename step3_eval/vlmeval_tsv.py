@@ -15,8 +15,8 @@ import math
 import os
 import string
 
-from utils.cli import InputError
-from utils.prompts import PROBLEM_TYPES, check_image_placeholders
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.prompts import PROBLEM_TYPES, check_image_placeholders
 
 MAX_REFERENCE_CHARS = 64  # VLMEvalKit's rule: a shorter image cell names a row, a real base64 image is longer
 REQUIRED_COLUMNS = ("index", "question", "answer")

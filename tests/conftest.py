@@ -1,11 +1,8 @@
 """Session-wide fixtures: the tiny model and synthetic data are built once per test session."""
 import os
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -13,8 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """Paths of the tiny Qwen2.5-VL and its synthetic datasets: {"model", "registry", ...}."""
-    sys.path.insert(0, os.path.join(REPO, "demo"))
-    from build_tiny_assets import build
+    from sophiavl.demo.build_tiny_assets import build
 
     return build(str(tmp_path_factory.mktemp("tiny")), seed=0, num_train=200, num_test=40)
 
@@ -23,7 +19,7 @@ def tiny_assets(tmp_path_factory):
 def real_shaped_model(tmp_path_factory):
     """A tiny random-init Qwen2.5-VL laid out like Qwen2.5-VL-7B-Instruct (untied lm_head): the
     release's config files and real vocabulary (demo/real_shaped_model.py). Returns its folder."""
-    from demo.real_shaped_model import build_real_shaped
+    from sophiavl.demo.real_shaped_model import build_real_shaped
 
     return build_real_shaped(str(tmp_path_factory.mktemp("real_shaped") / "model"), tied=False)
 
@@ -31,6 +27,6 @@ def real_shaped_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_shaped_judge(tmp_path_factory):
     """The same at Qwen2.5-VL-3B-Instruct's shape (tied lm_head), the TRM's base. Returns its folder."""
-    from demo.real_shaped_model import build_real_shaped
+    from sophiavl.demo.real_shaped_model import build_real_shaped
 
     return build_real_shaped(str(tmp_path_factory.mktemp("real_shaped") / "judge"), tied=True)

@@ -3,20 +3,16 @@ Not timed: the speed claims live in benchmarks/RESULTS.md."""
 import asyncio
 import importlib.util
 import json
-import os
-import sys
 import time
 
 import pytest
 
-from utils.cli import InputError
+from sophiavl.utils.cli import InputError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 
 def test_fixed_latency_judge_holds_capacity_and_queues_the_rest():
-    import trm_throughput
+    from benchmarks import trm_throughput
 
     proc, host = trm_throughput.start_fixed_latency_judge(latency_s=0.1, capacity=4)
     try:
@@ -40,7 +36,7 @@ def test_fixed_latency_judge_holds_capacity_and_queues_the_rest():
 
 
 def test_trm_throughput_quick_scores_every_response_with_its_image():
-    import trm_throughput
+    from benchmarks import trm_throughput
 
     row, = trm_throughput.main(["--quick"])
     assert row["sequential_parsed"] == row["ours_parsed"] == row["responses"] == 24
@@ -51,7 +47,7 @@ def test_trm_throughput_quick_scores_every_response_with_its_image():
 
 
 def test_e2e_times_prints_each_stage_with_its_share(tmp_path, capsys):
-    import e2e_times
+    from benchmarks import e2e_times
 
     (tmp_path / "summary.json").write_text(json.dumps({"wall_seconds": 8.0,
                                                        "stage_seconds": {"step1": 2.0, "step2": 6.0}}))
@@ -64,7 +60,7 @@ def test_e2e_times_prints_each_stage_with_its_share(tmp_path, capsys):
 
 
 def test_e2e_times_rejects_a_summary_without_stage_seconds(tmp_path):
-    import e2e_times
+    from benchmarks import e2e_times
 
     (tmp_path / "summary.json").write_text(json.dumps({"wall_seconds": 3}))
     with pytest.raises(InputError, match="stage_seconds"):
@@ -73,14 +69,14 @@ def test_e2e_times_rejects_a_summary_without_stage_seconds(tmp_path):
 
 @pytest.mark.slow
 def test_reward_overhead_quick_measures_a_step_and_fuzz():
-    import reward_overhead
+    from benchmarks import reward_overhead
 
     result = reward_overhead.main(["--quick"])
     reward, step, fuzzed = result["reward"], result["step"], result["fuzz"]
     assert reward["responses"] == 8 * 4 and 0 < reward["mean_outcome"] < 1
     assert step["samples_per_rank"] == 8 and step["step_time"] > 0
     assert result["share"] == pytest.approx(reward["us_per_response"] / 1e3 / step["ms_per_response"])
-    from utils.prompts import PROBLEM_TYPES
+    from sophiavl.utils.prompts import PROBLEM_TYPES
 
     kinds = {"extract_answer", "parse_score"} | {f"outcome_reward / {t}" for t in PROBLEM_TYPES}
     assert fuzzed["strings"] == 2000 and {w["kind"] for w in fuzzed["worst"]} == kinds
@@ -88,7 +84,7 @@ def test_reward_overhead_quick_measures_a_step_and_fuzz():
 
 
 def test_realistic_step_gates_unformatted_responses_to_zero():
-    import reward_overhead
+    from benchmarks import reward_overhead
     from step2_trust_grpo.rewards import outcome_rewards
 
     rows, texts = reward_overhead.realistic_step(10, 8, response_words=20)
@@ -104,7 +100,7 @@ def test_realistic_step_gates_unformatted_responses_to_zero():
 @pytest.mark.slow
 def test_grpo_vs_trl_quick_times_both_trainers():
     pytest.importorskip("trl")
-    import grpo_vs_trl
+    from benchmarks import grpo_vs_trl
 
     results = grpo_vs_trl.main(["--quick"])
     for name in ("ours", "trl"):
@@ -118,7 +114,7 @@ def test_grpo_vs_trl_quick_times_both_trainers():
 
 @pytest.mark.slow
 def test_rollout_engines_quick_reports_step_and_sync_times():
-    import rollout_engines
+    from benchmarks import rollout_engines
 
     results = rollout_engines.main(["--quick"])
     engines = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])

@@ -12,8 +12,8 @@ import os
 import random
 import re
 
-from utils.cli import InputError
-from utils.prompts import PROBLEM_TYPES, check_image_placeholders
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.prompts import PROBLEM_TYPES, check_image_placeholders
 
 DATA_EXTENSIONS = (".json", ".jsonl", ".parquet")
 logger = logging.getLogger(__name__)

@@ -5,9 +5,15 @@ import os
 import torch
 
 
-def init_distributed(timeout_minutes: float = 30) -> tuple[int, int]:
+def init_distributed(timeout_minutes: float = 30, *, single_process_group: bool = True) -> tuple[int, int]:
     """DeepSpeed's process group (NCCL on GPUs, gloo on CPUs) with a bounded timeout, so a rank that
-    dies or hangs makes the others fail instead of waiting forever. Returns (rank, world size)."""
+    dies or hangs makes the others fail instead of waiting forever. Returns (rank, world size).
+    A DeepSpeed engine needs the group even in a single process; with single_process_group=False (step 3,
+    no engine) a single process (WORLD_SIZE unset or 1) gets (0, 1) and no group."""
+    if not single_process_group and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return 0, 1
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.model import chat_inputs
-from utils.vision import pixel_limits
+from sophiavl.utils.model import chat_inputs
+from sophiavl.utils.vision import pixel_limits
 
 
 @dataclass(frozen=True)

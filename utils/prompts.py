@@ -8,7 +8,7 @@ import base64
 import io
 import re
 
-from utils.cli import InputError
+from sophiavl.utils.cli import InputError
 
 PROBLEM_TYPES = ("numerical", "multiple choice", "OCR", "free-form", "text")
 

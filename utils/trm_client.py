@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import openai
 from tqdm import tqdm
 
-from utils.cli import InputError
-from utils.prompts import image_to_data_url, trm_messages
-from utils.rewards import parse_score
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.prompts import image_to_data_url, trm_messages
+from sophiavl.utils.outcome_reward import parse_score
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ on average than the wrong ones; then it is down-weighted by gamma = exp(mu_c - m
 """
 import math
 
-from utils.cli import InputError
+from sophiavl.utils.cli import InputError
 
 CORRECT_THRESHOLD = 0.5  # R^o >= 0.5 counts as correct, so partial OCR / free-form rewards split too
 

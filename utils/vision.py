@@ -7,7 +7,7 @@ and vLLM all see the same pixels, whatever limits the checkpoint's own preproces
 """
 from qwen_vl_utils import fetch_image
 
-from utils.cli import InputError
+from sophiavl.utils.cli import InputError
 
 
 def pixel_limits(processor) -> tuple[int, int]:

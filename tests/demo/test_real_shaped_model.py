@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from demo.real_shaped_model import ADDED_TOKENS, TOKEN_IDS, build_real_shaped, main, make_model, release_config
-from utils import prompts
+from sophiavl.demo.real_shaped_model import ADDED_TOKENS, TOKEN_IDS, build_real_shaped, main, make_model, release_config
+from sophiavl.utils import prompts
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RELEASE_GENERATION_CONFIG = {  # Qwen2.5-VL-7B-Instruct's generation_config.json, less transformers_version

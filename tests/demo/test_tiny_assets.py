@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-from demo.build_tiny_assets import asset_paths, build, write_data
-from demo.synthetic_tasks import make_rows
-from demo.tiny_model import build_tiny_model
-from utils import prompts
-from utils.data import load_rows, open_images
+from sophiavl.demo.build_tiny_assets import asset_paths, build, write_data
+from sophiavl.demo.synthetic_tasks import make_rows
+from sophiavl.demo.tiny_model import build_tiny_model
+from sophiavl.utils import prompts
+from sophiavl.utils.data import load_rows, open_images
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 

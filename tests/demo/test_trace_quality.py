@@ -1,7 +1,7 @@
 """True trace quality: the F1 of the written reasoning sentences against the task's correct steps."""
 import pytest
 
-from demo.trace_quality import think_words, trace_quality
+from sophiavl.demo.trace_quality import think_words, trace_quality
 
 STEPS = ["the shape is red", "red is option A"]
 

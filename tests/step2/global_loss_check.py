@@ -3,17 +3,13 @@ over a step (2 ranks x 2 micro-batches of very different token counts) is that o
 token of the step) / (their number), computed here in one piece (the per-micro-batch token-mean's differs).
 Uses the functions step 2's update_policy uses. Prints `GLOBAL-OK rank R` on success; a mismatch raises."""
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import deepspeed
 import torch
 
 from step2_trust_grpo.loss import masked_aggregate, step_denominator, step_units
-from utils.distributed import init_distributed, shutdown, sum_across_ranks
-from utils.ds_config import zero3_train_config
+from sophiavl.utils.distributed import init_distributed, shutdown, sum_across_ranks
+from sophiavl.utils.ds_config import zero3_train_config
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model-path")  # given by the test helper, unused

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from step2_trust_grpo.arguments import check_args, parse_args
-from utils.cli import InputError
+from sophiavl.utils.cli import InputError
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from step2_trust_grpo.main import prompts_for_step
-from tests.step2.test_train import check_ok, metrics, run_step2, without_timings
+from tests.helpers import check_ok, metrics, run_step2, without_timings
 
 pytestmark = pytest.mark.slow
 FLAGS = ("--rollout-engine", "hf", "--variant", "grpo", "--save-every", "2", "--log-completions", "--max-steps", "4")

@@ -3,82 +3,15 @@ checkpoint save. No wait is unbounded; every test kills what it started, whateve
 import os
 import re
 import signal
-import subprocess
 import time
-from unittest import mock
 
-import psutil
 import pytest
 
-from tests.step2 import test_train
-from tests.step2.test_train import check_ok, metrics, run_step2, without_timings
+from tests.helpers import (assert_everything_died_quickly, check_ok, kill_group, latest_tag, metrics, run_step2,
+                           start_step2, training_ranks, wait_for, without_timings)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 FLAGS = ("--rollout-engine", "hf", "--variant", "grpo", "--save-every", "1")
-
-
-def start_step2(tiny_assets, output_dir, log_path, *flags, env=None):
-    """Start, without waiting, the same 2-rank command run_step2 runs; its output goes to log_path."""
-    started = []
-
-    def popen(command, cwd, env: dict, **_):
-        with open(log_path, "w") as log:
-            started.append(subprocess.Popen(command, cwd=cwd, env={**env, **extra_env}, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True))
-
-    extra_env = env or {}
-    with mock.patch.object(test_train.subprocess, "run", popen):
-        run_step2(tiny_assets, output_dir, *flags)
-    return started[0]
-
-
-def kill_group(process):
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=30)
-
-
-def wait_for(condition, process, what, timeout_s=300):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert process.poll() is None, f"the run ended (exit {process.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
-        time.sleep(0.05)
-
-
-def latest_tag(output_dir):
-    try:
-        with open(output_dir / "checkpoints" / "latest") as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        return None
-
-
-def rank_processes(launcher) -> dict:
-    """{rank: psutil.Process} of the launcher's training processes (the launcher passes --local_rank=R)."""
-    ranks = {}
-    for child in psutil.Process(launcher.pid).children(recursive=True):
-        try:
-            command = child.cmdline()
-        except psutil.NoSuchProcess:
-            continue
-        for arg in command:
-            if arg.startswith("--local_rank=") and any(a.endswith("step2_trust_grpo/main.py") for a in command):
-                ranks[int(arg.split("=")[1])] = child
-    return ranks
-
-
-def assert_everything_died_quickly(launcher, ranks, bound_s=90):
-    """A dead rank must not leave the launcher or the other rank waiting (they would otherwise sit in a
-    collective until the distributed timeout)."""
-    start = time.monotonic()
-    returncode = launcher.wait(timeout=bound_s)
-    _, alive = psutil.wait_procs(list(ranks.values()), timeout=max(1.0, bound_s - (time.monotonic() - start)))
-    assert returncode != 0
-    assert not alive, f"ranks still running: {[p.pid for p in alive]}"
-    return time.monotonic() - start
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +27,7 @@ def test_kill_9_of_one_rank_stops_the_run_and_resume_repeats_the_next_steps_exac
     launcher = start_step2(tiny_assets, output_dir, tmp_path / "crash.log", *FLAGS, "--max-steps", "4")
     try:
         wait_for(lambda: latest_tag(output_dir) == "step2", launcher, "checkpoint step2")
-        ranks = rank_processes(launcher)
+        ranks = training_ranks(launcher, "step2_trust_grpo/main.py")
         assert sorted(ranks) == [0, 1], ranks
         ranks[1].send_signal(signal.SIGKILL)
         elapsed = assert_everything_died_quickly(launcher, ranks)
@@ -125,7 +58,7 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_to_resum
     try:
         wait_for(lambda: "SOPHIAVL_PAUSE_IN_SAVE: rank 0 paused in the save of step 2" in log.read_text(),
                  launcher, "the pause in the save of step 2")
-        ranks = rank_processes(launcher)
+        ranks = training_ranks(launcher, "step2_trust_grpo/main.py")
         # DeepSpeed has written step 2's files; `latest` must still name step 1
         assert latest_tag(output_dir) == "step1" and os.listdir(output_dir / "checkpoints" / "step2")
         ranks[0].send_signal(signal.SIGKILL)
@@ -159,7 +92,7 @@ def test_a_rank_that_stops_answering_fails_the_run_after_the_distributed_timeout
     launcher = start_step2(tiny_assets, output_dir, log, *FLAGS, "--max-steps", "50", "--dist-timeout-minutes", "0.5")
     try:
         wait_for(lambda: latest_tag(output_dir) == "step1", launcher, "checkpoint step1")
-        ranks = rank_processes(launcher)
+        ranks = training_ranks(launcher, "step2_trust_grpo/main.py")
         ranks[1].send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         ranks[0].wait(timeout=150)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from step2_trust_grpo.loss import entropy_from_logits, group_advantages, grpo_loss, selective_log_softmax
-from utils.cli import InputError
+from sophiavl.utils.cli import InputError
 
 EPS = 1e-6
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from PIL import Image
 
-from utils.data import load_rows
+from sophiavl.utils.data import load_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COLUMNS = {"problem": "prompt", "solution": "answer", "path": "images"}

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from step2_trust_grpo.policy import completion_batch, completion_logps
-from utils.data import load_rows, open_images
-from utils.model import load_model, load_processor
-from utils.prompts import policy_messages
+from sophiavl.utils.data import load_rows, open_images
+from sophiavl.utils.model import load_model, load_processor
+from sophiavl.utils.prompts import policy_messages
 
 
 @pytest.fixture(scope="module")

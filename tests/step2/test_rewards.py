@@ -8,8 +8,9 @@ from PIL import Image
 
 from step2_trust_grpo.arguments import VARIANTS
 from step2_trust_grpo.rewards import final_rewards, outcome_rewards, thinking_rewards
-from tests.fake_judge import HANG, FakeJudge, closed_port, reply, request_images, request_text, status
-from utils.trm_client import TRMClient
+from tests.fake_judge import HANG, FakeJudge, reply, request_images, request_text, status
+from tests.helpers import closed_port
+from sophiavl.utils.trm_client import TRMClient
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,7 @@ import torch
 
 from step2_trust_grpo.main import warn_on_logp_gap
 from step2_trust_grpo.rollout import VLLMRollout
-from utils.generation import prompt_seed
+from sophiavl.utils.generation import prompt_seed
 
 
 class RecordingLLM:

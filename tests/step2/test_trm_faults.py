@@ -11,9 +11,10 @@ import time
 import pytest
 
 from step2_trust_grpo.rewards import thinking_rewards
-from tests.fake_judge import (DROP, HANG, INVALID_JSON, NO_CHOICES, FakeJudge, closed_port, fail_first, fixed_score,
-                              reply, request_text, status)
-from utils.trm_client import TRMClient
+from tests.fake_judge import (DROP, HANG, INVALID_JSON, NO_CHOICES, FakeJudge, fail_first, fixed_score, reply,
+                              request_text, status)
+from tests.helpers import closed_port
+from sophiavl.utils.trm_client import TRMClient
 
 N = 3
 QUESTIONS = ["q0", "q1", "q2"]
@@ -122,7 +123,7 @@ def test_a_server_restart_mid_run_costs_only_the_calls_made_while_it_was_down():
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_two_rank_run_survives_a_judge_that_fails_at_first_then_recovers(tiny_assets, tmp_path):
-    from tests.step2.test_train import check_ok, metrics, run_step2
+    from tests.helpers import check_ok, metrics, run_step2
 
     # 2 ranks x 2 prompts x N=4 = 16 requests a step; the first 8 (all of them in step 1: the ranks only send
     # step 2's after step 1's failure counts were summed) get 503, without retries, so each one is a failure.
@@ -135,10 +136,10 @@ def test_a_two_rank_run_survives_a_judge_that_fails_at_first_then_recovers(tiny_
 
     rows = metrics(tmp_path)
     assert [row["step"] for row in rows] == [1, 2, 3]
-    # metrics are means over the 2 ranks: 8 failures in all -> 4.0
-    assert [row["trm/failures"] for row in rows] == [4.0, 0.0, 0.0]
-    assert all(row["trm/calls"] == 8.0 for row in rows)
+    # the counts are sums over the 2 ranks
+    assert [row["trm/failures"] for row in rows] == [8.0, 0.0, 0.0]
+    assert all(row["trm/calls"] == 16.0 for row in rows)
     # 8 failures hit at least 2 of the 4 groups (4 responses each), whose R^t is then 0 for all 4 responses
-    assert rows[0]["trm/failed_groups"] >= 1.0 and rows[0]["reward/thinking"] <= 0.7 * 2 / 4 + 1e-9
+    assert rows[0]["trm/failed_groups"] >= 2.0 and rows[0]["reward/thinking"] <= 0.7 * 2 / 4 + 1e-9
     assert rows[1]["trm/failed_groups"] == rows[2]["trm/failed_groups"] == 0.0
     assert rows[1]["reward/thinking"] == pytest.approx(0.7) and rows[2]["reward/thinking"] == pytest.approx(0.7)

@@ -14,7 +14,7 @@ from step2_trust_grpo.loss import (group_advantages, grpo_loss, kl_estimate, kl_
 from step2_trust_grpo.rewards import overlong_penalties, truncated
 from step2_trust_grpo.rollout import Completions
 from tests.step2.trl_reference import trl_loss
-from utils.cli import InputError
+from sophiavl.utils.cli import InputError
 
 CASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "loss_case.json")
 

@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 from tests.fake_judge import FakeJudge, reply, request_text
-from tests.step2.test_train import check_ok, metrics, run_step2, without_timings
+from tests.helpers import check_ok, metrics, run_step2, without_timings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 FLAGS = ("--rollout-engine", "vllm", "--variant", "full", "--dynamic-sampling", "--rollout-is", "tis",
@@ -54,9 +54,9 @@ def test_dynamic_sampling_tis_and_global_token_mean_run_refill_and_resume_exactl
         assert completion_log(b, rank) == completion_log(a, rank)
     step2 = rows[1]
     assert step2["dynamic_sampling/rounds"] >= 2 and step2["dynamic_sampling/frac_zero_std_drawn"] > 0
-    # every round was judged before its groups were kept or dropped: 2 prompts x N 4 per rank and round
-    assert all(r["trm/calls"] == 8 * r["dynamic_sampling/rounds"] for r in rows)
-    assert calls_resumed == 2 * step2["trm/calls"]  # the resume judged step 2's rounds again, no more
+    # every round was judged before its groups were kept or dropped: 2 prompts x N 4 per rank and round, 2 ranks
+    assert all(r["trm/calls"] == 2 * 8 * r["dynamic_sampling/rounds"] for r in rows)
+    assert calls_resumed == step2["trm/calls"]  # the resume judged step 2's rounds again, no more
     for row in rows:
         if row["dynamic_sampling/frac_zero_std_kept"] == 0:
             assert row["frac_reward_zero_std"] == 0.0

@@ -2,10 +2,6 @@
 vLLM engine must decode greedily exactly what the HF policy with the same weights decodes (fp32).
 Prints `SYNC-OK rank R changed=K/N` on success; any mismatch raises."""
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import deepspeed
 import torch
@@ -13,12 +9,12 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from step2_trust_grpo.policy import completion_batch, completion_logps
 from step2_trust_grpo.rollout import HFRollout, VLLMRollout
-from utils.generation import Sampling
-from utils.data import load_rows, open_images
-from utils.distributed import init_distributed
-from utils.ds_config import zero3_train_config
-from utils.model import load_model, load_processor
-from utils.prompts import policy_messages
+from sophiavl.utils.generation import Sampling
+from sophiavl.utils.data import load_rows, open_images
+from sophiavl.utils.distributed import init_distributed
+from sophiavl.utils.ds_config import zero3_train_config
+from sophiavl.utils.model import load_model, load_processor
+from sophiavl.utils.prompts import policy_messages
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model-path", required=True)

@@ -7,19 +7,18 @@ import json
 import math
 import os
 import re
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 
-import utils.generation
+import sophiavl.utils.generation
 from step3_eval.main import main
 from tests.scripted_model import scripted_model
-from utils.data import load_rows
-from utils.prompts import EVAL_SYSTEM_PROMPT, QUESTION_TEMPLATE, TYPE_TEMPLATE
-from utils.rewards import outcome_reward
+from sophiavl.utils.data import load_rows
+from sophiavl.utils.prompts import EVAL_SYSTEM_PROMPT, QUESTION_TEMPLATE, TYPE_TEMPLATE
+from sophiavl.utils.outcome_reward import outcome_reward
+from tests.helpers import free_port, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAIN = os.path.join(REPO, "step3_eval", "main.py")
@@ -69,11 +68,6 @@ def run_eval(model, registry, out_dir, *extra):
         return predictions, json.load(f), stdout.getvalue()
 
 
-def run_script(command, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def read_predictions(out_dir):
     with open(os.path.join(out_dir, "predictions.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -115,17 +109,17 @@ def hf_run(model_b, registry, tmp_path_factory):
 
 
 def test_scripted_model_replies_the_same_under_transformers(model_b, rows):
-    from utils.data import open_images
-    from utils.model import load_model, load_processor
-    from utils.prompts import policy_messages
+    from sophiavl.utils.data import open_images
+    from sophiavl.utils.model import load_model, load_processor
+    from sophiavl.utils.prompts import policy_messages
 
     processor, model = load_processor(model_b), load_model(model_b, dtype=torch.float32)
     picked = [rows[0], rows[4]]  # an image row and a text-only row
     images = [open_images(row) for row in picked]
     chats = [policy_messages(row["prompt"], row["problem_type"], row["options"], num_images=len(imgs))
              for row, imgs in zip(picked, images)]
-    texts, token_ids = utils.generation.hf_generate(model, processor, chats, images,
-                                                           utils.generation.Sampling(max_new_tokens=12))
+    texts, token_ids = sophiavl.utils.generation.hf_generate(model, processor, chats, images,
+                                                           sophiavl.utils.generation.Sampling(max_new_tokens=12))
     assert [len(imgs) for imgs in images] == [1, 0]
     assert texts == [REPLY, REPLY]
     end_of_turn = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -227,14 +221,14 @@ def test_text_after_the_answer_passes_the_reference_gate_and_fails_strict_format
 
 def test_prompt_template_changes_what_reaches_the_model(model_b, tiny_assets, tmp_path, monkeypatch):
     seen = []
-    real_chat_inputs = utils.generation.chat_inputs
+    real_chat_inputs = sophiavl.utils.generation.chat_inputs
 
     def recording_chat_inputs(processor, *args, **kwargs):
         inputs = real_chat_inputs(processor, *args, **kwargs)
         seen.extend(processor.tokenizer.batch_decode(inputs["input_ids"]))
         return inputs
 
-    monkeypatch.setattr(utils.generation, "chat_inputs", recording_chat_inputs)
+    monkeypatch.setattr(sophiavl.utils.generation, "chat_inputs", recording_chat_inputs)
     for template in ("eval", "train"):
         predictions, summary, _ = run_eval(model_b, tiny_assets["registry"], tmp_path / template, "--data-path",
                                            "tiny_test", "--max-samples", "1", "--prompt-template", template)
@@ -258,12 +252,6 @@ def test_vllm_backend_gives_the_hf_predictions(hf_run, model_b, registry, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LLM engine" in result.stdout + result.stderr  # vLLM's start-up log: the run really went through vLLM
     assert read_predictions(out_dir) == hf_run["predictions"]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -13,11 +13,11 @@ from PIL import Image
 from step3_eval.main import eval_chat, main
 from step3_eval.skipped import default_max_prompt_length
 from tests.scripted_model import scripted_model
-from utils.cli import InputError
-from utils.data import load_rows
-from utils.model import load_processor
-from utils.prompt_length import prompt_lengths
-from utils.rewards import outcome_reward
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.data import load_rows
+from sophiavl.utils.model import load_processor
+from sophiavl.utils.prompt_length import prompt_lengths
+from sophiavl.utils.outcome_reward import outcome_reward
 
 REPLY = "<think>x</think><answer>B</answer>"
 LIMIT = 300

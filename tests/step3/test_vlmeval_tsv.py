@@ -13,15 +13,15 @@ import sys
 import pandas as pd
 import pytest
 
-import utils.generation
+import sophiavl.utils.generation
 from step3_eval.main import main
 from step3_eval.metrics import (MME_COGNITION, MME_PERCEPTION, MME_SCORE, RELAXED_ACCURACY, RULE_BASED, mme_score,
                                 relaxed_correctness, row_scores, yes_no)
 from step3_eval.vlmeval_tsv import read_vlmeval_tsv
 from tests.scripted_model import scripted_model
-from tests.step3.test_eval import free_port, run_script
-from utils.cli import InputError
-from utils.prompts import EVAL_SYSTEM_PROMPT, QUESTION_TEMPLATE, TYPE_TEMPLATE, policy_messages
+from tests.helpers import free_port, run_script
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.prompts import EVAL_SYSTEM_PROMPT, QUESTION_TEMPLATE, TYPE_TEMPLATE, policy_messages
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAIN = os.path.join(REPO, "step3_eval", "main.py")
@@ -112,7 +112,7 @@ def hf_run(model_b, files, tmp_path_factory):
     """The reply-B model on the registered path TSV, then MMB_tiny; records the text of every prompt."""
     out_dir = tmp_path_factory.mktemp("hf") / "out"
     seen = []
-    real_chat_inputs = utils.generation.chat_inputs
+    real_chat_inputs = sophiavl.utils.generation.chat_inputs
 
     def recording_chat_inputs(processor, *args, **kwargs):
         inputs = real_chat_inputs(processor, *args, **kwargs)
@@ -121,7 +121,7 @@ def hf_run(model_b, files, tmp_path_factory):
         return inputs
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(utils.generation, "chat_inputs", recording_chat_inputs)
+        patch.setattr(sophiavl.utils.generation, "chat_inputs", recording_chat_inputs)
         summary = run_eval(out_dir, *b_run_flags(model_b, files), "--batch-size", "4")
     return {"out": out_dir, "summary": summary, "prompts": seen}
 

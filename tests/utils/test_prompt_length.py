@@ -3,11 +3,11 @@ import logging
 import pytest
 from PIL import Image
 
-from utils.cli import InputError
-from utils.model import chat_inputs, load_processor
-from utils.prompt_length import drop_over_long, prompt_lengths, sharded_prompt_lengths
-from utils.prompts import policy_messages
-from utils.vision import resize_images
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.model import chat_inputs, load_processor
+from sophiavl.utils.prompt_length import drop_over_long, prompt_lengths, sharded_prompt_lengths
+from sophiavl.utils.prompts import policy_messages
+from sophiavl.utils.vision import resize_images
 
 # min 3,136 and max 12,544 pixels, patch 14 x merge 2 = 28: smart_resize by hand
 #   20x30:   28x28 = 784 < 3,136 -> beta = sqrt(600 / 3136): ceil(30 / beta / 28) = 3, ceil(20 / beta / 28) = 2 ->

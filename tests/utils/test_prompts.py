@@ -4,8 +4,8 @@ import io
 import pytest
 from PIL import Image
 
-from utils.cli import InputError
-from utils.prompts import (EVAL_SYSTEM_PROMPT, PROBLEM_TYPES, TRM_SYSTEM_PROMPT, TYPE_TEMPLATE, format_question,
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.prompts import (EVAL_SYSTEM_PROMPT, PROBLEM_TYPES, TRM_SYSTEM_PROMPT, TYPE_TEMPLATE, format_question,
                            policy_messages, to_openai_messages, trm_messages)
 
 # Written out again here (from the reference's prompts, docs/method.md section 9) so a stray edit of the module's constants fails a test.
@@ -181,7 +181,7 @@ def test_the_chat_template_puts_the_vision_tokens_at_the_placeholders(tiny_asset
     """What both engines tokenize (processor.apply_chat_template): each image's vision tokens where its <image>
     stood: the first image (square, 8x8 patches) first, the second (tall, 12x6 once the processor's pixel bounds
     resize it) second."""
-    from utils.model import chat_inputs, load_processor
+    from sophiavl.utils.model import chat_inputs, load_processor
 
     processor = load_processor(tiny_assets["model"])
     images = [Image.new("RGB", (112, 112), (255, 0, 0)), Image.new("RGB", (56, 112), (0, 0, 255))]

@@ -7,8 +7,8 @@ import datasets
 import pytest
 from PIL import Image
 
-from utils.cli import InputError
-from utils.data import ReadableRows, load_rows
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.data import ReadableRows, load_rows
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,11 @@ import re
 import pytest
 from PIL import Image
 
-from tests.fake_judge import (DROP, HANG, INVALID_JSON, NO_CHOICES, FakeJudge, closed_port, fail_first,
-                              fixed_score, reply, request_images, request_text, status)
-from utils.cli import InputError
-from utils.trm_client import TRMClient, normalize_base_url
+from tests.fake_judge import (DROP, HANG, INVALID_JSON, NO_CHOICES, FakeJudge, fail_first, fixed_score, reply,
+                              request_images, request_text, status)
+from tests.helpers import closed_port
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.trm_client import TRMClient, normalize_base_url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -212,7 +213,7 @@ def test_full_chat_completions_url_reaches_the_server():
 
 
 def test_score_many_encodes_each_shared_image_once_and_sends_it_with_every_item(monkeypatch):
-    import utils.trm_client as trm_client
+    import sophiavl.utils.trm_client as trm_client
 
     encoded, real = [], trm_client.image_to_data_url
     monkeypatch.setattr(trm_client, "image_to_data_url", lambda image: encoded.append(image) or real(image))

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from utils.cli import InputError
-from utils.trust import trust_rewards
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.trust import trust_rewards
 
 OUTCOME = [1.0, 1.0, 0.0, 0.0]
 DISTRUSTED_THINKING = [0.2, 0.4, 0.8, 0.6]  # mu_c = 0.3 < mu_w = 0.7

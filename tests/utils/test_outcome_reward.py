@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from utils import rewards
-from utils.cli import InputError
-from utils.prompts import PROBLEM_TYPES
-from utils.rewards import extract_answer, has_think_answer_format, option_letters, outcome_reward, parse_score
+import sophiavl.utils.outcome_reward as outcome_module
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.prompts import PROBLEM_TYPES
+from sophiavl.utils.outcome_reward import extract_answer, has_think_answer_format, option_letters, outcome_reward, parse_score
 
 # The reference's rules (verl/utils/reward_score/math.py of SophiaVL-R1), and the stricter one of --strict-format
 REFERENCE_FORMAT = re.compile(r"<think>(.*?)</think>.*<answer>(.*?)</answer>.*", re.DOTALL)
@@ -182,7 +182,7 @@ def test_numerical_never_hands_sympy_an_explosive_answer(answer):
 def test_a_sympy_call_that_runs_too_long_is_cut_off_and_the_worker_restarts(monkeypatch):
     slow = "".join(f"(\\sqrt{{{p}}}+1)" for p in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37))  # > 20 s in sympy
     assert outcome_reward(wrap("\\frac{1}{2}"), "0.5", "numerical") == 1.0  # worker up before timing
-    monkeypatch.setattr(rewards, "_SYMPY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(outcome_module, "_SYMPY_TIMEOUT_S", 0.5)
     start = time.perf_counter()
     assert outcome_reward(wrap(slow), "5", "numerical") == 0.0
     assert time.perf_counter() - start < 2.0
@@ -191,10 +191,10 @@ def test_a_sympy_call_that_runs_too_long_is_cut_off_and_the_worker_restarts(monk
 
 
 def test_a_broken_mathruler_install_is_reported_not_scored_zero(monkeypatch):
-    monkeypatch.setattr(rewards, "_SYMPY_WORKER_CODE", "import sys; sys.exit(1)")
-    monkeypatch.setattr(rewards, "_SYMPY_WORKER", rewards._SympyWorker())
+    monkeypatch.setattr(outcome_module, "_SYMPY_WORKER_CODE", "import sys; sys.exit(1)")
+    monkeypatch.setattr(outcome_module, "_SYMPY_WORKER", outcome_module._SympyWorker())
     assert outcome_reward(wrap("5"), "5", "numerical") == 1.0  # the fast path needs no worker
-    with pytest.raises(rewards.MathWorkerError, match="mathruler worker did not start"):
+    with pytest.raises(outcome_module.MathWorkerError, match="mathruler worker did not start"):
         outcome_reward(wrap("\\frac{1}{2}"), "0.5", "numerical")
 
 

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import threading
 
-from utils.cli import InputError
-from utils.prompts import PROBLEM_TYPES
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.prompts import PROBLEM_TYPES
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"

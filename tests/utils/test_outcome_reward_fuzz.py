@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utils.prompts import PROBLEM_TYPES
-from utils.rewards import extract_answer, has_think_answer_format, outcome_reward, parse_score
+from sophiavl.utils.prompts import PROBLEM_TYPES
+from sophiavl.utils.outcome_reward import extract_answer, has_think_answer_format, outcome_reward, parse_score
 
 pytestmark = pytest.mark.timeout(600)
 
