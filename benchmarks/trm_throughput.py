@@ -201,8 +201,8 @@ def run_fixed_latency(args, concurrency: int) -> dict:
     items = make_items(args.responses, args.group_size, args.image_size, args.response_words)
     proc, host = start_fixed_latency_judge(args.latency, args.capacity)
     try:
-        row = measure("fixed-latency", host + "/v1", SERVED_MODEL_NAME, items, concurrency, args.capacity / args.latency,
-                      args.profile)
+        row = measure("fixed-latency", host + "/v1", SERVED_MODEL_NAME, items, concurrency,
+                      args.capacity / args.latency, args.profile)
         row["judge_stats"] = judge_stats(host)
     finally:
         proc.terminate()

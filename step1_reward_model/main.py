@@ -25,7 +25,8 @@ from sophiavl.utils.distributed import init_distributed, shutdown, sum_across_ra
 from sophiavl.utils.ds_config import zero3_train_config
 from sophiavl.utils.generation import Sampling, hf_generate
 from sophiavl.utils.metrics_log import MetricsLogger
-from sophiavl.utils.arguments import add_model_arguments
+from sophiavl.utils.arguments import (add_checkpoint_arguments, add_distributed_arguments, add_logging_arguments,
+                                      add_model_arguments, add_zero3_arguments, check_shared_args)
 from sophiavl.utils.model import apply_training_flags, encode_images_first, load_model, load_processor, resolve_dtype
 from sophiavl.utils.outputs import prepare_output_dir, write_atomic, write_run_info
 from sophiavl.utils.prompt_length import drop_over_long
@@ -66,8 +67,7 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass, per rank")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
     g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--offload", action="store_true", help="ZeRO-3 offload of parameters and optimizer to CPU")
-    g.add_argument("--zero-param-persistence-threshold", type=int, default=10_000, help="0 shards every parameter (tests)")
+    add_zero3_arguments(g)
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("evaluation, logging and checkpoints")
@@ -75,22 +75,20 @@ def parse_args(argv=None):
     g.add_argument("--eval-max-samples", type=int, default=256, help="held-out rows used per evaluation")
     g.add_argument("--eval-batch-size", type=int, default=8, help="per rank")
     g.add_argument("--eval-max-new-tokens", type=int, default=16)
-    g.add_argument("--save-every", type=int, default=500, help="DeepSpeed checkpoint every K steps")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    g.add_argument("--dist-timeout-minutes", type=float, default=30,
-                   help="how long a collective may wait for a peer before the run fails (a dead rank never hangs it)")
-    g.add_argument("--wandb-project", default=None, help="also log to Weights & Biases")
-    g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    add_checkpoint_arguments(g, save_every=500)
+    add_distributed_arguments(g)
+    add_logging_arguments(g)
     return p.parse_args(argv)
 
 
 def check_args(args) -> None:
+    check_shared_args(args)
     positive = ["epochs", "learning_rate", "micro_batch_size", "gradient_accumulation_steps", "eval_max_samples",
-                "eval_batch_size", "eval_max_new_tokens", "save_every", "dist_timeout_minutes", "max_length"]
+                "eval_batch_size", "eval_max_new_tokens", "max_length"]
     for name in positive:
-        if getattr(args, name) <= 0:
+        if not getattr(args, name) > 0:  # "not > 0" also rejects nan
             raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps <= 0:
+    if args.max_steps is not None and not args.max_steps > 0:
         raise InputError(f"--max-steps must be > 0, got {args.max_steps}")
     if args.eval_every < 0:
         raise InputError(f"--eval-every must be >= 0, got {args.eval_every}")
@@ -267,7 +265,7 @@ def main(argv=None):
             metrics.update(eval_metrics)
         logger.log(step, metrics)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-        if step % args.save_every == 0:
+        if args.save_every and step % args.save_every == 0:
             save_checkpoint(engine, args.output_dir, step)
 
     # ---- the judge as an HF directory: transformers, evaluate.py and vllm serve load it ----

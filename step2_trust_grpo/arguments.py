@@ -2,7 +2,8 @@
 import argparse
 
 from sophiavl.utils.cli import InputError
-from sophiavl.utils.arguments import add_model_arguments
+from sophiavl.utils.arguments import (add_checkpoint_arguments, add_distributed_arguments, add_logging_arguments,
+                                      add_model_arguments, add_zero3_arguments, check_shared_args)
 from sophiavl.utils.trm_client import normalize_base_url
 
 from .loss import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS
@@ -87,9 +88,7 @@ def parse_args(argv=None):
     g.add_argument("--kl-coef", type=float, default=0.04, help="beta; 0 skips the reference model")
     g.add_argument("--entropy-coef", type=float, default=1e-3)
     g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--offload", action="store_true", help="ZeRO-3 offload of parameters and optimizer to CPU")
-    g.add_argument("--zero-param-persistence-threshold", type=int, default=10_000,
-                   help="0 shards every parameter (tests)")
+    add_zero3_arguments(g)
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("GRPO variants (README: GRPO variants); the defaults are the paper's Trust-GRPO")
@@ -142,19 +141,15 @@ def parse_args(argv=None):
                         "its batch with zero-spread groups (counted)")
 
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--save-every", type=int, default=100,
-                   help="DeepSpeed checkpoint every K steps and at the end (0: none; the final HF model is always saved)")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    g.add_argument("--dist-timeout-minutes", type=float, default=30.0,
-                   help="a collective waiting longer than this (e.g. for a dead rank) fails the run")
+    add_checkpoint_arguments(g, save_every=100)  # step 2 also checkpoints its last step (unless --save-every 0)
+    add_distributed_arguments(g)
     g.add_argument("--eval-every", type=int, default=0, help="held-out validation every K steps (0: never)")
     g.add_argument("--eval-max-samples", type=int, default=256)
     g.add_argument("--sample-every", type=int, default=10, help="log sample completions every K steps")
     g.add_argument("--log-completions", action="store_true",
                    help="every completion of every step, with its rewards and its group's gamma, to "
                         "completions/rank<R>.jsonl (for analysis, e.g. experiments/ablations.py)")
-    g.add_argument("--wandb-project", default=None, help="also log to Weights & Biases")
-    g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    add_logging_arguments(g)
     args = p.parse_args(argv)
 
     args.use_thinking_reward, args.use_trust, args.use_anneal = VARIANTS[args.variant]
@@ -174,12 +169,11 @@ def check_args(args, world_size: int) -> None:
     positive = ["num_generations", "rollout_batch_size", "max_completion_length", "max_prompt_length", "max_steps",
                 "micro_batch_size", "ppo_epochs", "sample_every", "trm_max_concurrency",
                 "trm_failure_window", "trm_timeout", "max_answer_chars", "anneal_horizon",
-                "vllm_tensor_parallel_size", "dist_timeout_minutes"]
+                "vllm_tensor_parallel_size"]
+    check_shared_args(args)
     for name in positive:
         if not getattr(args, name) > 0:  # "not > 0" also rejects nan
             raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.save_every < 0:
-        raise InputError(f"--save-every must be >= 0 (0: no checkpoints), got {args.save_every}")
     if not args.alpha >= 0:
         raise InputError(f"--alpha must be >= 0, got {args.alpha}")
     if args.trm_max_retries < 0:

@@ -19,6 +19,7 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
+from sophiavl.utils.arguments import add_distributed_arguments, add_model_arguments, check_shared_args
 from sophiavl.utils.cli import InputError, exit_on_input_error
 from sophiavl.utils.data import load_registry, load_rows, open_images
 from sophiavl.utils.distributed import init_distributed, shutdown
@@ -54,11 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per rank)")
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
-    parser.add_argument("--min-pixels", type=int, default=None)
-    parser.add_argument("--max-pixels", type=int, default=None)
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    parser.add_argument("--attn-implementation", default="auto",
-                        help="auto: flash_attention_2 on CUDA when flash_attn imports, else sdpa (hf backend)")
+    add_model_arguments(parser, pixels=(None, None), training=False)  # --attn-implementation: the hf backend's
     parser.add_argument("--max-model-len", type=int, default=8192, help="vllm backend: context length")
     parser.add_argument("--max-prompt-length", type=int, default=None,
                         help="longer prompts (tokens, images included) are skipped: scored 0 and listed (default: "
@@ -70,20 +67,26 @@ def parse_args(argv=None):
                         "nothing after the last </answer>, which is the one read (default: the reference's gate, "
                         "the first answer)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    add_distributed_arguments(parser)
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "max_new_tokens", "max_model_len", "max_answer_chars", "max_prompt_length"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise InputError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.max_samples is not None and args.max_samples <= 0:
-        raise InputError(f"--max-samples must be positive, got {args.max_samples}")
     args.benchmark_tsv = [os.path.expanduser(path.strip()) for value in args.benchmark_tsv
                           for path in value.split(",") if path.strip()]
     names = [name.strip() for value in args.benchmark_name for name in value.split(",") if name.strip()]
-    if names and len(names) != len(args.benchmark_tsv):
-        raise InputError(f"--benchmark-name gives {len(names)} names for {len(args.benchmark_tsv)} --benchmark-tsv files")
     args.benchmark_name = names or [os.path.splitext(os.path.basename(path))[0] for path in args.benchmark_tsv]
     args.data_names = [name.strip() for name in (args.data_path or "").split(",") if name.strip()]
+    return args
+
+
+def check_args(args) -> None:
+    """The flags and their combinations, checked before anything is read."""
+    check_shared_args(args)
+    for flag in ("batch_size", "max_new_tokens", "max_model_len", "max_answer_chars", "max_prompt_length",
+                 "max_samples"):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:  # "not > 0" also rejects nan
+            raise InputError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if len(args.benchmark_name) != len(args.benchmark_tsv):  # the default names are one per file
+        raise InputError(f"--benchmark-name gives {len(args.benchmark_name)} names for {len(args.benchmark_tsv)} "
+                         f"--benchmark-tsv files")
     if not args.data_names and not args.benchmark_tsv:
         raise InputError("nothing to evaluate: give --data-path (with --registry) or --benchmark-tsv")
     if args.data_names and not args.registry:
@@ -94,7 +97,6 @@ def parse_args(argv=None):
     all_names = args.data_names + args.benchmark_name
     if len(set(all_names)) != len(all_names):
         raise InputError(f"dataset names repeat across --data-path and --benchmark-name: {', '.join(all_names)}")
-    return args
 
 
 def load_eval_rows(args) -> list:
@@ -251,7 +253,8 @@ def over_long_rows(args, rows: list, rank: int) -> dict:
 @exit_on_input_error
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size = init_distributed(single_process_group=False)  # ranks under the deepspeed launcher
+    check_args(args)
+    rank, world_size = init_distributed(args.dist_timeout_minutes, single_process_group=False)  # ranks under the deepspeed launcher
     # rows first: a bad registry, dataset name or TSV must not leave a half-made output directory behind
     rows = load_eval_rows(args)[: args.max_samples]
     if rank == 0:

@@ -1,13 +1,67 @@
-"""Command-line groups that two or more stages share: one definition, one meaning, one validation rule each."""
+"""Command-line groups that two or more stages share: one definition, one meaning and one validation rule each
+(check_shared_args). Each stage adds only its own flags (step1_reward_model/main.py, step2_trust_grpo/arguments.py,
+step3_eval/main.py)."""
+import argparse
+
+from sophiavl.utils.cli import InputError
+
+TRAINING_PIXELS = (3136, 1003520)  # steps 1 and 2: --min-pixels, --max-pixels
 
 
-def add_model_arguments(group) -> None:
-    """The model flags steps 1 and 2 share (an argparse group)."""
-    group.add_argument("--min-pixels", type=int, default=3136, help="image size floor (pixels) for the processor")
-    group.add_argument("--max-pixels", type=int, default=1003520, help="image size cap (pixels) for the processor")
-    group.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+def add_model_arguments(group, *, pixels=TRAINING_PIXELS, training: bool = True) -> None:
+    """Model, pixels and dtype. `pixels`: the default (min, max); (None, None) keeps the model's own processor
+    config (step 3 evaluates a checkpoint with the limits it was trained with). `training`: the flags of a model
+    that is trained (steps 1 and 2)."""
+    kept = " (default: the model's processor config)"
+    group.add_argument("--min-pixels", type=int, default=pixels[0],
+                       help="image size floor (pixels) for the processor" + ("" if pixels[0] else kept))
+    group.add_argument("--max-pixels", type=int, default=pixels[1],
+                       help="image size cap (pixels) for the processor" + ("" if pixels[1] else kept))
+    group.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     group.add_argument("--attn-implementation", default="auto",
                        help="auto: flash_attention_2 on CUDA when flash_attn imports, else sdpa; or any name "
                             "transformers knows (sdpa, eager, flash_attention_2)")
-    group.add_argument("--gradient-checkpointing", action="store_true")
-    group.add_argument("--freeze-vision-tower", action="store_true")
+    if training:
+        group.add_argument("--gradient-checkpointing", action="store_true")
+        group.add_argument("--freeze-vision-tower", action="store_true")
+
+
+def add_zero3_arguments(group) -> None:
+    """ZeRO-3 memory settings of the trained models (steps 1 and 2)."""
+    group.add_argument("--offload", action="store_true", help="ZeRO-3 offload of parameters and optimizer to CPU")
+    group.add_argument("--zero-param-persistence-threshold", type=int, default=10_000,
+                       help="parameters smaller than this stay unsharded; 0 shards every parameter (tests)")
+
+
+def add_checkpoint_arguments(group, *, save_every: int) -> None:
+    """Periodic DeepSpeed checkpoints and --resume (steps 1 and 2)."""
+    group.add_argument("--save-every", type=int, default=save_every,
+                       help="DeepSpeed checkpoint every K steps, for --resume (0: no periodic checkpoints; the final "
+                            "HF model is always saved)")
+    group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+
+
+def add_distributed_arguments(group) -> None:
+    """What every stage run under the deepspeed launcher takes."""
+    group.add_argument("--dist-timeout-minutes", type=float, default=30.0,
+                       help="a collective waiting longer than this (e.g. for a dead rank) fails the run")
+    group.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+
+
+def add_logging_arguments(group) -> None:
+    group.add_argument("--wandb-project", default=None, help="also log to Weights & Biases")
+
+
+def check_shared_args(args) -> None:
+    """The one rule of each shared flag the stage declared. `not x > 0` also rejects NaN."""
+    for name in ("min_pixels", "max_pixels"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise InputError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if hasattr(args, "dist_timeout_minutes") and not args.dist_timeout_minutes > 0:
+        raise InputError(f"--dist-timeout-minutes must be > 0, got {args.dist_timeout_minutes}")
+    if hasattr(args, "save_every") and args.save_every < 0:
+        raise InputError(f"--save-every must be >= 0 (0: no checkpoints), got {args.save_every}")
+    if hasattr(args, "zero_param_persistence_threshold") and args.zero_param_persistence_threshold < 0:
+        raise InputError("--zero-param-persistence-threshold must be >= 0, got "
+                         f"{args.zero_param_persistence_threshold}")

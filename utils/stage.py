@@ -9,8 +9,8 @@ run by path has no package, so each entry script starts with
         from sophiavl.utils.stage import stage_package
         __package__ = stage_package(__file__)
 
-and its relative imports then find the files beside it, whatever the folder is called. The import path is not touched: the
-folder becomes a package in sys.modules, nothing else is made importable.
+and its relative imports then find the files beside it, whatever the folder is called. The import path is not
+touched: the folder becomes a package in sys.modules, nothing else is made importable.
 """
 import importlib.machinery
 import os

@@ -352,10 +352,10 @@ def test_benchmark_flags_are_checked(model_b, files, tmp_path):
             main(["--model-path", model_b, "--output-dir", str(tmp_path / "out"), *flags])
         assert exit_info.value.code == 2, flags
     for flags, message in cases:
-        from step3_eval.main import parse_args
+        from step3_eval.main import check_args, parse_args
 
         with pytest.raises(InputError, match=message.replace("(", r"\(")):
-            parse_args(["--model-path", model_b, "--output-dir", "x", *flags])
+            check_args(parse_args(["--model-path", model_b, "--output-dir", "x", *flags]))
     assert not (tmp_path / "out").exists()
 
 

@@ -10,7 +10,8 @@ import pytest
 import sophiavl.utils.outcome_reward as outcome_module
 from sophiavl.utils.cli import InputError
 from sophiavl.utils.prompts import PROBLEM_TYPES
-from sophiavl.utils.outcome_reward import extract_answer, has_think_answer_format, option_letters, outcome_reward, parse_score
+from sophiavl.utils.outcome_reward import (extract_answer, has_think_answer_format, option_letters, outcome_reward,
+                                           parse_score)
 
 # The reference's rules (verl/utils/reward_score/math.py of SophiaVL-R1), and the stricter one of --strict-format
 REFERENCE_FORMAT = re.compile(r"<think>(.*?)</think>.*<answer>(.*?)</answer>.*", re.DOTALL)

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from sophiavl.utils.cli import InputError
-from sophiavl.utils.prompts import (EVAL_SYSTEM_PROMPT, PROBLEM_TYPES, TRM_SYSTEM_PROMPT, TYPE_TEMPLATE, format_question,
-                           policy_messages, to_openai_messages, trm_messages)
+from sophiavl.utils.prompts import (EVAL_SYSTEM_PROMPT, PROBLEM_TYPES, TRM_SYSTEM_PROMPT, TYPE_TEMPLATE,
+                                    format_question, policy_messages, to_openai_messages, trm_messages)
 
 # Written out again here (from the reference's prompts, docs/method.md section 9) so a stray edit of the module's constants fails a test.
 BODY = (
