@@ -190,7 +190,7 @@ def trained(tiny_assets, traces, tmp_path_factory):
 def test_zero3_run_lowers_the_loss_and_saves_a_judge_that_generates_scores(trained, traces):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from sophiavl.utils.generation import hf_generate
+    from sophiavl.utils.generation import Sampling, hf_generate
 
     output_dir, log = trained
     train_rows = split_by_question(read_trm_rows(traces), 0.1, seed=1)[0]
@@ -223,7 +223,7 @@ def test_zero3_run_lowers_the_loss_and_saves_a_judge_that_generates_scores(train
     held_out = split_by_question(read_trm_rows(traces), 0.1, seed=1)[1][:4]
     images = [open_images(row) for row in held_out]
     chats = [trm_messages(r["question"], r["response"], len(i)) for r, i in zip(held_out, images)]
-    texts, _ = hf_generate(model, processor, chats, images, max_new_tokens=16)
+    texts, _ = hf_generate(model, processor, chats, images, Sampling(max_new_tokens=16))
     # a 66-step tiny judge: every reply must hold a score, and nearly all in the exact trained format
     assert all(parse_score(text) is not None for text in texts), texts
     assert sum(bool(SCORE_TEXT.fullmatch(text)) for text in texts) >= 3, texts
