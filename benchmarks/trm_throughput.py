@@ -29,6 +29,7 @@ import urllib.request
 from sophiavl.utils.prompts import to_openai_messages, trm_messages
 from sophiavl.utils.outcome_reward import parse_score
 from sophiavl.utils.pipeline import free_port
+from sophiavl.utils import vllm_server
 from sophiavl.utils.vllm_server import SERVED_MODEL_NAME
 
 COMPLETION = json.dumps({
@@ -211,8 +212,6 @@ def run_fixed_latency(args, concurrency: int) -> dict:
 
 
 def run_vllm(args, concurrency: int) -> dict:
-    from sophiavl.utils import vllm_server as serve
-
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.vllm_model
         if not model_dir:
@@ -221,19 +220,19 @@ def run_vllm(args, concurrency: int) -> dict:
             model_dir = build(os.path.join(tmp, "assets"), num_train=8, num_test=1)["model"]
         port = free_port()
         log = os.path.join(tmp, "vllm.log")
-        proc = serve.start_server(model_dir, port, log_path=log, max_model_len=4096, max_images=1,
+        proc = vllm_server.start_server(model_dir, port, log_path=log, max_model_len=4096, max_images=1,
                                   max_num_seqs=args.capacity)
         try:
             url = f"http://127.0.0.1:{port}/v1"
-            serve.wait_ready(url, timeout=600, proc=proc)
+            vllm_server.wait_ready(url, timeout=600, proc=proc)
             items = make_items(args.vllm_responses, args.group_size, args.vllm_image_size, args.response_words)
-            return measure("vllm-cpu", url, serve.SERVED_SERVED_MODEL_NAME, items, concurrency, None)
+            return measure("vllm-cpu", url, SERVED_MODEL_NAME, items, concurrency, None)
         except (RuntimeError, TimeoutError):
             with open(log, errors="replace") as f:
                 print(f.read()[-3000:], file=sys.stderr)
             raise
         finally:
-            serve.stop(proc)
+            vllm_server.stop(proc)
 
 
 def print_table(rows: list[dict]) -> None:
