@@ -6,21 +6,8 @@
 # Start the TRM first (step1_reward_model/training_scripts/serve_vllm.sh) and pass its URL.
 # Usage: run_dr_grpo_7b.sh MODEL REGISTRY DATA TRM_URL [OUTPUT] [extra flags]
 set -euo pipefail
-MODEL=${1:?e.g. Qwen/Qwen2.5-VL-7B-Instruct}
-REGISTRY=${2:?dataset_info.json}
-DATA=${3:?registry names, e.g. SophiaVL-R1-130k}
-TRM_URL=${4:?e.g. http://trm-host:8000/v1}
+# the 7B launcher's recipe, with these flags after its own (argparse: the last value of a flag wins)
 OUTPUT=${5:-outputs/step2_dr_grpo_7b}
-shift $(( $# < 5 ? $# : 5 ))
-cd "$(dirname "$0")/../.."
-mkdir -p "$OUTPUT"
-deepspeed --num_gpus "${NUM_GPUS:-8}" step2_trust_grpo/main.py \
-  --model-path "$MODEL" --registry "$REGISTRY" --data-path "$DATA" --output-dir "$OUTPUT" \
-  --trm-url "$TRM_URL" --trm-model thinking-reward-model \
-  --rollout-engine vllm --vllm-gpu-memory-utilization 0.4 --vllm-sleep-mode \
-  --num-generations 8 --rollout-batch-size 128 --micro-batch-size 4 \
-  --max-prompt-length 4096 --max-completion-length 1024 --min-pixels 3136 --max-pixels 1003520 \
-  --dtype bfloat16 --attn-implementation flash_attention_2 --gradient-checkpointing \
-  --learning-rate 5e-7 --kl-coef 0.04 --entropy-coef 1e-3 --alpha 0.3 --max-steps 1500 \
-  --scale-rewards none --loss-agg seq-mean-token-sum-norm \
-  --save-every 100 --sample-every 10 "$@" &> "$OUTPUT/training.log"
+exec bash "$(dirname "$0")/run_qwen2_5_vl_7b.sh" "${1:?e.g. Qwen/Qwen2.5-VL-7B-Instruct}" "${2:?dataset_info.json}" \
+  "${3:?registry names, e.g. SophiaVL-R1-130k}" "${4:?e.g. http://trm-host:8000/v1}" "$OUTPUT" \
+  --scale-rewards none --loss-agg seq-mean-token-sum-norm "${@:6}"
