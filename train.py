@@ -50,6 +50,12 @@ def parse_args(argv=None):
     g.add_argument("--trm-data", help="balanced TRM labels (JSONL) for step 1")
     g.add_argument("--hostfile", help="multi_node: DeepSpeed hostfile")
     args = p.parse_args(argv)
+    # the stages run from the repository root: the user's relative paths are made absolute here, against the folder
+    # train.py was started from (a model that is not a local folder is a hub name and stays as it is)
+    for name in ("registry", "trm_data", "hostfile", "trm_path", "actor_model", "trm_base_model"):
+        value = getattr(args, name)
+        if value and (name in ("registry", "trm_data", "hostfile", "trm_path") or os.path.exists(value)):
+            setattr(args, name, os.path.abspath(value))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.output_dir = args.output_dir or os.path.join("outputs", f"{args.deployment_type}-{stamp}")
     if 1 not in args.steps and 2 in args.steps and not args.trm_path:
@@ -78,8 +84,8 @@ def tiny(pipeline: Pipeline) -> dict:
         max_images = max_images_per_prompt("tiny_train", registry)  # the data run_tiny_cpu.sh trains on
 
         def step2(url):
-            pipeline.run("step2", ["bash", "step2_trust_grpo/training_scripts/run_tiny_cpu.sh", out("policy_init"),
-                                   registry, out("step2"), url, "--max-steps", str(a.step2_steps),
+            pipeline.run("step2", ["bash", "step2_trust_grpo/training_scripts/run_tiny_cpu.sh", out("step2"),
+                                   out("policy_init"), registry, url or "none", "--max-steps", str(a.step2_steps),
                                    "--save-every", str(max(a.step2_steps // 3, 1)),
                                    "--eval-every", str(max(a.step2_steps // 3, 1)),
                                    "--trm-max-images", str(max_images)],
@@ -90,7 +96,7 @@ def tiny(pipeline: Pipeline) -> dict:
             with_trm_server(pipeline, trm_dir, max_images, step2)
     if 3 in a.steps:
         for stage, model in (("step3_before", out("policy_init")), ("step3_after", out("step2", "final"))):
-            pipeline.run(stage, ["bash", "step3_eval/training_scripts/run_tiny_cpu.sh", model, registry, out(stage)],
+            pipeline.run(stage, ["bash", "step3_eval/training_scripts/run_tiny_cpu.sh", out(stage), model, registry],
                          done_when=out(stage, "summary.json"))
     return write_report(pipeline.out, pipeline.seconds)
 
@@ -102,21 +108,21 @@ def gpus(pipeline: Pipeline) -> None:
     step2_launcher = "step2_trust_grpo/training_scripts/run_qwen2_5_vl_7b.sh"
     if 1 in a.steps and not a.trm_path:
         pipeline.run("step1", ["bash", "step1_reward_model/training_scripts/train_qwen2_5_vl_3b.sh", out("step1"),
-                               a.trm_base_model, a.trm_data], done_when=out("step1", "final", "config.json"))
+                               a.trm_data, a.trm_base_model], done_when=out("step1", "final", "config.json"))
     if 2 in a.steps:
         if a.deployment_type == "multi_node":
-            command = ["bash", "step2_trust_grpo/training_scripts/run_multinode.sh", a.hostfile, a.actor_model,
-                       a.registry, a.data_path]
+            command = ["bash", "step2_trust_grpo/training_scripts/run_multinode.sh", out("step2"), a.hostfile,
+                       a.actor_model, a.registry, a.data_path]
         else:
-            command = ["bash", step2_launcher, a.actor_model, a.registry, a.data_path]
+            command = ["bash", step2_launcher, out("step2"), a.actor_model, a.registry, a.data_path]
         max_images = max_images_per_prompt(a.data_path, a.registry)
         with_trm_server(pipeline, trm_dir, max_images, lambda url: pipeline.run(
-            "step2", command + [url, out("step2"), "--trm-max-images", str(max_images)],
+            "step2", command + [url, "--trm-max-images", str(max_images)],
             done_when=out("step2", "final", "config.json")))
     if 3 in a.steps:
         for stage, model in (("step3_before", a.actor_model), ("step3_after", out("step2", "final"))):
-            pipeline.run(stage, ["bash", "step3_eval/training_scripts/run_qwen2_5_vl_7b.sh", model, a.registry,
-                                 a.eval_data_path, out(stage)], done_when=out(stage, "summary.json"))
+            pipeline.run(stage, ["bash", "step3_eval/training_scripts/run_qwen2_5_vl_7b.sh", out(stage), model,
+                                 a.registry, a.eval_data_path], done_when=out(stage, "summary.json"))
 
 
 def main(argv=None) -> int:

@@ -106,7 +106,7 @@ def step2_run(pipeline: Pipeline, registry: str, arm: str, seed: int, trm_url: s
     steps = args.step2_steps
     out = run_dir(pipeline.out, arm, seed)
     pipeline.run(f"run_{os.path.basename(out)}", [
-        "bash", "step2_trust_grpo/training_scripts/run_tiny_cpu.sh", pipeline.path("policy_init"), registry, out,
+        "bash", "step2_trust_grpo/training_scripts/run_tiny_cpu.sh", out, pipeline.path("policy_init"), registry,
         trm_url or "none", "--variant", variant, "--seed", str(seed), "--max-steps", str(steps),
         "--save-every", str(max(steps // 2, 1)), "--eval-every", str(steps), "--sample-every", str(steps),
         "--log-completions", "--resume", *(["--trm-max-images", str(max_images)] if trm_url else []),
@@ -116,8 +116,8 @@ def step2_run(pipeline: Pipeline, registry: str, arm: str, seed: int, trm_url: s
 
 def run_all(pipeline: Pipeline, args) -> None:
     assets, registry = tiny_setup(pipeline)
-    pipeline.run("step3_before", ["bash", "step3_eval/training_scripts/run_tiny_cpu.sh", pipeline.path("policy_init"),
-                                  registry, pipeline.path("step3_before")],
+    pipeline.run("step3_before", ["bash", "step3_eval/training_scripts/run_tiny_cpu.sh", pipeline.path("step3_before"),
+                                  pipeline.path("policy_init"), registry],
                  done_when=pipeline.path("step3_before", "summary.json"))
     plan = planned_runs(args)
     conditions = [c for c in CONDITION_ORDER[1:] if any(ARMS[arm][1] == c for arm, _ in plan)]

@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # Label GRPO rollouts with Qwen2.5-VL-72B-Instruct as the judge (the paper's annotator), served by vLLM on
 # 8 GPUs, then filter and balance the labels for TRM training (paper: 5k-15k rows per score interval).
-# Usage: annotate_72b_judge.sh ROLLOUTS_JSONL [OUTPUT] [JUDGE_MODEL]
+# Usage: annotate_72b_judge.sh OUTPUT ROLLOUTS_JSONL [JUDGE_MODEL] [extra annotate.py flags]
 #   ROLLOUTS_JSONL rows: question, response, images (paths relative to the file). Rerunning resumes.
+#   Writes OUTPUT/labels.jsonl and OUTPUT/trm_train.jsonl (train_qwen2_5_vl_3b.sh's input); the judge server's
+#   log is OUTPUT/judge_server.log.
 set -euo pipefail
-ROLLOUTS=${1:?rollouts JSONL (question, response, images)}
-OUTPUT=${2:-outputs/trm_labels}
+OUTPUT=${1:?output folder, e.g. outputs/trm_labels}
+ROLLOUTS=${2:?rollouts JSONL (question, response, images)}
 JUDGE=${3:-Qwen/Qwen2.5-VL-72B-Instruct}
+shift $(( $# < 3 ? $# : 3 ))
+STAGE=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python}
 PORT=${PORT:-8100}
 READY_TIMEOUT=${READY_TIMEOUT:-1800}
 mkdir -p "$OUTPUT"
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
 
 vllm serve "$JUDGE" --served-model-name judge --port "$PORT" --tensor-parallel-size 8 \
   --max-model-len 8192 --limit-mm-per-prompt '{"image":2,"video":0}' --max-num-seqs 128 --generation-config vllm \
   &> "$OUTPUT/judge_server.log" &
 SERVER=$!
-trap 'kill -TERM "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true' EXIT INT TERM
+trap 'kill -TERM "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT INT TERM
 
 # Loading 72B weights takes minutes: poll /v1/models, give up after READY_TIMEOUT seconds.
 for ((waited = 0; ; waited += 5)); do
@@ -26,8 +30,8 @@ for ((waited = 0; ; waited += 5)); do
   sleep 5
 done
 
-python "$REPO/step1_reward_model/annotate.py" --input "$ROLLOUTS" --output "$OUTPUT/labels.jsonl" \
-  --judge-url "http://127.0.0.1:$PORT/v1" --judge-model judge --max-concurrency 64 --timeout 300 \
-  2>&1 | tee "$OUTPUT/annotate.log"
-python "$REPO/step1_reward_model/balance.py" --input "$OUTPUT/labels.jsonl" --output "$OUTPUT/trm_train.jsonl" \
-  --cap 15000 --min 5000 | tee "$OUTPUT/balance.log"
+{
+  "$PY" "$STAGE/annotate.py" --input "$ROLLOUTS" --output "$OUTPUT/labels.jsonl" \
+    --judge-url "http://127.0.0.1:$PORT/v1" --judge-model judge --max-concurrency 64 --timeout 300 "$@"
+  "$PY" "$STAGE/balance.py" --input "$OUTPUT/labels.jsonl" --output "$OUTPUT/trm_train.jsonl" --cap 15000 --min 5000
+} 2>&1 | tee "$OUTPUT/training.log"

@@ -12,9 +12,9 @@ PORT=${2:?port, e.g. 8000}
 REGISTRY=$(realpath "${3:?step 2 --registry: dataset_info.json}")
 DATA=${4:?step 2 --data-path: registry names, e.g. SophiaVL-R1-130k}
 shift 4
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-MAX_IMAGES=$(cd "$REPO" && "${PYTHON:-python}" -c 'import sys; from utils.cli import exit_on_input_error as e
-from utils.data import max_images_per_prompt as most; print(e(most)(sys.argv[2], sys.argv[1]))' "$REGISTRY" "$DATA")
+PY=${PYTHON:-python}
+MAX_IMAGES=$("$PY" -c 'import sys; from sophiavl.utils.cli import exit_on_input_error as e
+from sophiavl.utils.data import max_images_per_prompt as most; print(e(most)(sys.argv[2], sys.argv[1]))' "$REGISTRY" "$DATA")
 echo "TRM server: at most $MAX_IMAGES images per request (the most of any prompt in $DATA); give step 2 --trm-max-images $MAX_IMAGES"
 
 exec vllm serve "$MODEL" --served-model-name thinking-reward-model --host 0.0.0.0 --port "$PORT" \

@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
 # The 3B TRM on several nodes with DeepSpeed's launcher (pdsh/ssh to every host of the hostfile).
-# Usage: train_multinode.sh HOSTFILE [OUTPUT] [MODEL] TRAIN_JSONL [extra main.py flags]
+# Usage: train_multinode.sh OUTPUT HOSTFILE TRAIN_JSONL [MODEL] [extra main.py flags]
 #   HOSTFILE: one "hostname slots=8" line per node. The repository, the .venv, the data and OUTPUT must
 #   be at the same paths on every node, and OUTPUT on shared storage (every rank writes its checkpoint shard).
 set -euo pipefail
-HOSTFILE=${1:?DeepSpeed hostfile, one line per node: hostname slots=8}
-OUTPUT=${2:-outputs/trm_qwen2_5_vl_3b_multinode}
-MODEL=${3:-Qwen/Qwen2.5-VL-3B-Instruct}
-TRAIN=${4:?balanced labels JSONL (balance.py output)}
-shift 4
-mkdir -p "$OUTPUT"
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
+OUTPUT=${1:?output folder on shared storage, e.g. outputs/trm_qwen2_5_vl_3b_multinode}
+HOSTFILE=${2:?DeepSpeed hostfile, one line per node: hostname slots=8}
+TRAIN=${3:?balanced labels JSONL (balance.py output)}
+MODEL=${4:-Qwen/Qwen2.5-VL-3B-Instruct}
+shift $(( $# < 4 ? $# : 4 ))
+STAGE=$(cd "$(dirname "$0")/.." && pwd)
 MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
+mkdir -p "$OUTPUT"
 
 # 2 nodes x 8 GPUs x micro-batch 4 x accumulation 2 = 128 rows per step, as on one node.
 deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
-  "$REPO/step1_reward_model/main.py" \
+  "$STAGE/main.py" \
   --model-path "$MODEL" --train-data "$TRAIN" --output-dir "$OUTPUT" \
   --epochs 2 --learning-rate 1e-5 --warmup-ratio 0.03 \
   --micro-batch-size 4 --gradient-accumulation-steps 2 --dtype bfloat16 \
   --attn-implementation auto --gradient-checkpointing \
   --min-pixels 3136 --max-pixels 1003520 \
   --eval-split-fraction 0.01 --eval-every 250 --eval-max-samples 512 --save-every 500 "$@" \
-  &> "$OUTPUT/training.log"
+  2>&1 | tee "$OUTPUT/training.log"

@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # The paper's TRM: Qwen2.5-VL-3B-Instruct, plain SFT for 2 epochs on the balanced judge labels, 8 GPUs, bf16.
-# Usage: train_qwen2_5_vl_3b.sh [OUTPUT] [MODEL] TRAIN_JSONL [extra main.py flags]
+# Usage: train_qwen2_5_vl_3b.sh OUTPUT TRAIN_JSONL [MODEL] [extra main.py flags]
 #   TRAIN_JSONL: balance.py output (see annotate_72b_judge.sh). The judge lands in OUTPUT/final;
 #   serve it with serve_vllm.sh OUTPUT/final.
 set -euo pipefail
-OUTPUT=${1:-outputs/trm_qwen2_5_vl_3b}
-MODEL=${2:-Qwen/Qwen2.5-VL-3B-Instruct}
-TRAIN=${3:?balanced labels JSONL (balance.py output)}
-shift 3
+OUTPUT=${1:?output folder, e.g. outputs/trm_qwen2_5_vl_3b}
+TRAIN=${2:?balanced labels JSONL (balance.py output)}
+MODEL=${3:-Qwen/Qwen2.5-VL-3B-Instruct}
+shift $(( $# < 3 ? $# : 3 ))
+STAGE=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUTPUT"
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
 
 # 8 GPUs x micro-batch 4 x accumulation 4 = 128 rows per step; ~156k rows -> ~2,450 steps for 2 epochs.
-deepspeed --num_gpus "${NUM_GPUS:-8}" "$REPO/step1_reward_model/main.py" \
+deepspeed --num_gpus "${NUM_GPUS:-8}" "$STAGE/main.py" \
   --model-path "$MODEL" --train-data "$TRAIN" --output-dir "$OUTPUT" \
   --epochs 2 --learning-rate 1e-5 --warmup-ratio 0.03 --weight-decay 0.0 \
   --micro-batch-size 4 --gradient-accumulation-steps 4 --dtype bfloat16 \
   --attn-implementation auto --gradient-checkpointing \
   --min-pixels 3136 --max-pixels 1003520 \
   --eval-split-fraction 0.01 --eval-every 250 --eval-max-samples 512 --save-every 500 "$@" \
-  &> "$OUTPUT/training.log"
+  2>&1 | tee "$OUTPUT/training.log"

@@ -14,24 +14,27 @@ ASSETS=${2:-outputs/tiny/assets}
 shift $(( $# < 2 ? $# : 2 ))
 INIT_MODEL=$ASSETS/model
 if [[ $# -gt 0 && $1 != --* ]]; then INIT_MODEL=$1; shift; fi
-mkdir -p "$OUTPUT" "$ASSETS"
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
+STAGE=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(dirname "$STAGE")
 PY=${PYTHON:-$REPO/.venv/bin/python}
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 REGISTRY="$ASSETS/data/dataset_info.json"
+mkdir -p "$OUTPUT" "$ASSETS"
 
-[[ -f "$REGISTRY" ]] || "$PY" "$REPO/demo/build_tiny_assets.py" --out "$ASSETS"  # keep assets built with other sizes
-"$PY" "$REPO/demo/trm_traces.py" --registry "$REGISTRY" --data-path tiny_train --max-rows 300 \
-  --labels "${TRM_LABELS:-true}" --output "$OUTPUT/traces_train.jsonl"
-"$PY" "$REPO/demo/trm_traces.py" --registry "$REGISTRY" --data-path tiny_test --max-rows 40 --output "$OUTPUT/traces_test.jsonl"
-"$PY" "$REPO/step1_reward_model/balance.py" --input "$OUTPUT/traces_train.jsonl" --output "$OUTPUT/trm_train.jsonl" --cap 150
+{
+  [[ -f "$REGISTRY" ]] || "$PY" "$REPO/demo/build_tiny_assets.py" --out "$ASSETS"  # keep assets built with other sizes
+  "$PY" "$REPO/demo/trm_traces.py" --registry "$REGISTRY" --data-path tiny_train --max-rows 300 \
+    --labels "${TRM_LABELS:-true}" --output "$OUTPUT/traces_train.jsonl"
+  "$PY" "$REPO/demo/trm_traces.py" --registry "$REGISTRY" --data-path tiny_test --max-rows 40 \
+    --output "$OUTPUT/traces_test.jsonl"
+  "$PY" "$STAGE/balance.py" --input "$OUTPUT/traces_train.jsonl" --output "$OUTPUT/trm_train.jsonl" --cap 150
 
-"$(dirname "$PY")/deepspeed" --master_port "${MASTER_PORT:-29500}" --num_gpus 2 "$REPO/step1_reward_model/main.py" \
-  --model-path "$INIT_MODEL" --train-data "$OUTPUT/trm_train.jsonl" --eval-data "$OUTPUT/traces_test.jsonl" \
-  --output-dir "$OUTPUT" --epochs 4 --learning-rate 3e-3 --warmup-ratio 0.05 --min-lr-ratio 0.1 \
-  --micro-batch-size 8 --gradient-accumulation-steps 1 --dtype float32 \
-  --eval-every 50 --eval-max-samples 100 --save-every 100 --zero-param-persistence-threshold 0 "$@" \
-  2>&1 | tee "$OUTPUT/training.log"
+  "$(dirname "$PY")/deepspeed" --master_port "${MASTER_PORT:-29500}" --num_gpus 2 "$STAGE/main.py" \
+    --model-path "$INIT_MODEL" --train-data "$OUTPUT/trm_train.jsonl" --eval-data "$OUTPUT/traces_test.jsonl" \
+    --output-dir "$OUTPUT" --epochs 4 --learning-rate 3e-3 --warmup-ratio 0.05 --min-lr-ratio 0.1 \
+    --micro-batch-size 8 --gradient-accumulation-steps 1 --dtype float32 \
+    --eval-every 50 --eval-max-samples 100 --save-every 100 --zero-param-persistence-threshold 0 "$@"
 
-"$PY" "$REPO/step1_reward_model/evaluate.py" --data "$OUTPUT/traces_test.jsonl" --model-path "$OUTPUT/final" \
-  --output-dir "$OUTPUT/eval" --dtype float32 --plot | tee "$OUTPUT/eval.log"
+  "$PY" "$STAGE/evaluate.py" --data "$OUTPUT/traces_test.jsonl" --model-path "$OUTPUT/final" \
+    --output-dir "$OUTPUT/eval" --dtype float32 --plot
+} 2>&1 | tee "$OUTPUT/training.log"

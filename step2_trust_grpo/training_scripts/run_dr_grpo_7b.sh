@@ -4,10 +4,8 @@
 # (completions x --max-completion-length) instead of per-response means (README "GRPO variants"). Everything else,
 # the KL term and the trust-weighted, annealed thinking reward included, is the paper's.
 # Start the TRM first (step1_reward_model/training_scripts/serve_vllm.sh) and pass its URL.
-# Usage: run_dr_grpo_7b.sh MODEL REGISTRY DATA TRM_URL [OUTPUT] [extra flags]
+# Usage: run_dr_grpo_7b.sh OUTPUT MODEL REGISTRY DATA TRM_URL [extra main.py flags]
 set -euo pipefail
+(( $# >= 5 )) || { echo "usage: $(basename "$0") OUTPUT MODEL REGISTRY DATA TRM_URL [extra main.py flags]" >&2; exit 2; }
 # the 7B launcher's recipe, with these flags after its own (argparse: the last value of a flag wins)
-OUTPUT=${5:-outputs/step2_dr_grpo_7b}
-exec bash "$(dirname "$0")/run_qwen2_5_vl_7b.sh" "${1:?e.g. Qwen/Qwen2.5-VL-7B-Instruct}" "${2:?dataset_info.json}" \
-  "${3:?registry names, e.g. SophiaVL-R1-130k}" "${4:?e.g. http://trm-host:8000/v1}" "$OUTPUT" \
-  --scale-rewards none --loss-agg seq-mean-token-sum-norm "${@:6}"
+exec bash "$(dirname "$0")/run_qwen2_5_vl_7b.sh" "${@:1:5}" --scale-rewards none --loss-agg seq-mean-token-sum-norm "${@:6}"

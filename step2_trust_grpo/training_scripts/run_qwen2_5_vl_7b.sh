@@ -2,17 +2,18 @@
 # Trust-GRPO on Qwen2.5-VL-7B-Instruct, one node of 8 GPUs, the paper's settings (docs/method.md):
 # 1,500 steps, N=8, lr 5e-7, KL 0.04, entropy 1e-3, alpha 0.3, annealing horizon = steps.
 # Start the TRM first (step1_reward_model/training_scripts/serve_vllm.sh) and pass its URL.
-# Usage: run_qwen2_5_vl_7b.sh MODEL REGISTRY DATA TRM_URL [OUTPUT] [extra flags, e.g. --variant wo-trust]
+# Usage: run_qwen2_5_vl_7b.sh OUTPUT MODEL REGISTRY DATA TRM_URL [extra main.py flags, e.g. --variant wo-trust]
 set -euo pipefail
-MODEL=${1:?e.g. Qwen/Qwen2.5-VL-7B-Instruct}
-REGISTRY=${2:?dataset_info.json}
-DATA=${3:?registry names, e.g. SophiaVL-R1-130k}
-TRM_URL=${4:?e.g. http://trm-host:8000/v1}
-OUTPUT=${5:-outputs/step2_7b}
-shift $(( $# < 5 ? $# : 5 ))
-cd "$(dirname "$0")/../.."
+OUTPUT=${1:?output folder, e.g. outputs/step2_7b}
+MODEL=${2:?e.g. Qwen/Qwen2.5-VL-7B-Instruct}
+REGISTRY=${3:?dataset_info.json}
+DATA=${4:?registry names, e.g. SophiaVL-R1-130k}
+TRM_URL=${5:?e.g. http://trm-host:8000/v1}
+shift 5
+STAGE=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUTPUT"
-deepspeed --num_gpus "${NUM_GPUS:-8}" step2_trust_grpo/main.py \
+
+deepspeed --num_gpus "${NUM_GPUS:-8}" "$STAGE/main.py" \
   --model-path "$MODEL" --registry "$REGISTRY" --data-path "$DATA" --output-dir "$OUTPUT" \
   --trm-url "$TRM_URL" --trm-model thinking-reward-model \
   --rollout-engine vllm --vllm-gpu-memory-utilization 0.4 --vllm-sleep-mode \
@@ -20,4 +21,4 @@ deepspeed --num_gpus "${NUM_GPUS:-8}" step2_trust_grpo/main.py \
   --max-prompt-length 4096 --max-completion-length 1024 --min-pixels 3136 --max-pixels 1003520 \
   --dtype bfloat16 --attn-implementation auto --gradient-checkpointing \
   --learning-rate 5e-7 --kl-coef 0.04 --entropy-coef 1e-3 --alpha 0.3 --max-steps 1500 \
-  --save-every 100 --sample-every 10 "$@" &> "$OUTPUT/training.log"
+  --save-every 100 --sample-every 10 "$@" 2>&1 | tee "$OUTPUT/training.log"

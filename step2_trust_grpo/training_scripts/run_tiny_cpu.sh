@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Trust-GRPO on the tiny Qwen2.5-VL, 2 CPU processes, hf rollout engine, tiny hyperparameters
 # (docs/cpu_notes.md: lr 1e-4, KL 0.05, 16 prompts x 8 samples, ~32 new tokens).
-# Usage: run_tiny_cpu.sh MODEL REGISTRY OUTPUT [TRM_URL] [extra flags]
+# Usage: run_tiny_cpu.sh OUTPUT MODEL REGISTRY [TRM_URL] [extra main.py flags]
 #   without TRM_URL (or with "none") it trains the GRPO baseline (no thinking reward).
 set -euo pipefail
-MODEL=${1:?policy model dir}
-REGISTRY=${2:?dataset_info.json}
-OUTPUT=${3:-outputs/tiny/step2}
-TRM_URL=${4:-none}
-shift $(( $# < 4 ? $# : 4 ))
-cd "$(dirname "$0")/../.."
-mkdir -p "$OUTPUT"
-PY=${PYTHON:-.venv/bin/python}
+OUTPUT=${1:?output folder, e.g. outputs/tiny/step2}
+MODEL=${2:?policy model dir}
+REGISTRY=${3:?dataset_info.json}
+TRM_URL=none
+shift 3
+if [[ $# -gt 0 && $1 != --* ]]; then TRM_URL=$1; shift; fi
+STAGE=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-$(dirname "$STAGE")/.venv/bin/python}
 if [ "$TRM_URL" = none ]; then REWARD=(--variant grpo); else REWARD=(--variant full --trm-url "$TRM_URL"); fi
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-"$(dirname "$PY")/deepspeed" --master_port "${MASTER_PORT:-29500}" --num_gpus 2 step2_trust_grpo/main.py \
+mkdir -p "$OUTPUT"
+
+"$(dirname "$PY")/deepspeed" --master_port "${MASTER_PORT:-29500}" --num_gpus 2 "$STAGE/main.py" \
   --model-path "$MODEL" --registry "$REGISTRY" --data-path tiny_train --eval-data-path tiny_test \
   --output-dir "$OUTPUT" --rollout-engine hf "${REWARD[@]}" \
   --num-generations 8 --rollout-batch-size 16 --micro-batch-size 32 --max-completion-length 32 \

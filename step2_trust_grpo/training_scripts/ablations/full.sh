@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Ablation (paper Table 3): full Trust-GRPO.
-# Usage: full.sh MODEL REGISTRY DATA TRM_URL [OUTPUT]
+# Usage: full.sh OUTPUT MODEL REGISTRY DATA TRM_URL [extra main.py flags]
 set -euo pipefail
-bash "$(dirname "$0")/../run_qwen2_5_vl_7b.sh" "${1:?model}" "${2:?registry}" "${3:?data}" "${4:?TRM URL}" \
-  "${5:-outputs/ablation_full}" --variant full
+(( $# >= 5 )) || { echo "usage: $(basename "$0") OUTPUT MODEL REGISTRY DATA TRM_URL [extra main.py flags]" >&2; exit 2; }
+exec bash "$(dirname "$0")/../run_qwen2_5_vl_7b.sh" "${@:1:5}" --variant full "${@:6}"
