@@ -1,6 +1,6 @@
 """The Trust-GRPO objective and the GRPO variants compared against it: group advantages, token log-probs,
 entropy, and the clipped PPO loss with its KL term. The defaults are the paper's (docs/method.md); the variants
-(README "GRPO variants") each change one piece."""
+(README.md "GRPO variants") each change one piece."""
 import torch
 
 from sophiavl.utils.cli import InputError

@@ -4,7 +4,7 @@
 
 Each step: roll out N completions per prompt -> outcome rewards R^o and thinking rewards R^t (TRM
 server) -> Trust-GRPO rewards -> group-normalised advantages -> PPO-clip + k3-KL update -> push the
-new weights into the rollout engine. See docs/method.md for the method and its defaults, README "GRPO variants"
+new weights into the rollout engine. See docs/method.md for the method and its defaults, step2_trust_grpo/README.md "GRPO variants"
 for the flags that swap pieces of it (DAPO, Dr. GRPO, GSPO, rollout importance weights, KL options).
 """
 import logging

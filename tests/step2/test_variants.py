@@ -1,4 +1,4 @@
-"""The GRPO variants of step 2 (README "GRPO variants"): hand-computed cases for each, the same numbers as TRL 1.16's
+"""The GRPO variants of step 2 (step2_trust_grpo/README.md "GRPO variants"): hand-computed cases for each, the same numbers as TRL 1.16's
 loss where TRL implements the variant, and the defaults bit for bit as they were before the variants existed."""
 import json
 import math
