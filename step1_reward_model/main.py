@@ -25,8 +25,9 @@ from sophiavl.utils.distributed import init_distributed, shutdown, sum_across_ra
 from sophiavl.utils.ds_config import zero3_train_config
 from sophiavl.utils.generation import Sampling, hf_generate
 from sophiavl.utils.metrics_log import MetricsLogger
-from sophiavl.utils.arguments import (add_checkpoint_arguments, add_distributed_arguments, add_logging_arguments,
-                                      add_model_arguments, add_zero3_arguments, check_shared_args)
+from sophiavl.utils.arguments import (add_checkpoint_arguments, add_distributed_arguments, add_eval_arguments,
+                                      add_logging_arguments, add_model_arguments, add_optimizer_arguments,
+                                      add_zero3_arguments, check_shared_args)
 from sophiavl.utils.model import apply_training_flags, encode_images_first, load_model, load_processor, resolve_dtype
 from sophiavl.utils.outputs import prepare_output_dir, write_atomic, write_run_info
 from sophiavl.utils.prompt_length import drop_over_long
@@ -60,19 +61,14 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=2)
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (the schedule still spans --epochs)")
-    g.add_argument("--learning-rate", type=float, default=1e-5)
+    add_optimizer_arguments(g, learning_rate=1e-5)
     g.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of the steps with linear warm-up")
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decays to learning-rate x this")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass, per rank")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
     add_zero3_arguments(g)
-    g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("evaluation, logging and checkpoints")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate every K steps (and always at the end)")
-    g.add_argument("--eval-max-samples", type=int, default=256, help="held-out rows used per evaluation")
+    add_eval_arguments(g)
     g.add_argument("--eval-batch-size", type=int, default=8, help="per rank")
     g.add_argument("--eval-max-new-tokens", type=int, default=16)
     add_checkpoint_arguments(g, save_every=500)
@@ -83,15 +79,12 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     check_shared_args(args)
-    positive = ["epochs", "learning_rate", "micro_batch_size", "gradient_accumulation_steps", "eval_max_samples",
-                "eval_batch_size", "eval_max_new_tokens", "max_length"]
+    positive = ["epochs", "gradient_accumulation_steps", "eval_batch_size", "eval_max_new_tokens", "max_length"]
     for name in positive:
         if not getattr(args, name) > 0:  # "not > 0" also rejects nan
             raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.max_steps is not None and not args.max_steps > 0:
         raise InputError(f"--max-steps must be > 0, got {args.max_steps}")
-    if args.eval_every < 0:
-        raise InputError(f"--eval-every must be >= 0, got {args.eval_every}")
     if not 0 <= args.eval_split_fraction < 1:
         raise InputError(f"--eval-split-fraction must be in [0, 1), got {args.eval_split_fraction}")
     if not 0 <= args.warmup_ratio < 1 or not 0 <= args.min_lr_ratio <= 1:

@@ -2,8 +2,9 @@
 import argparse
 
 from sophiavl.utils.cli import InputError
-from sophiavl.utils.arguments import (add_checkpoint_arguments, add_distributed_arguments, add_logging_arguments,
-                                      add_model_arguments, add_zero3_arguments, check_shared_args)
+from sophiavl.utils.arguments import (add_checkpoint_arguments, add_distributed_arguments, add_eval_arguments,
+                                      add_logging_arguments, add_model_arguments, add_optimizer_arguments,
+                                      add_zero3_arguments, check_shared_args)
 from sophiavl.utils.trm_client import normalize_base_url
 
 from .loss import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS
@@ -80,16 +81,12 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=1500, help="rollout + update steps")
-    g.add_argument("--learning-rate", type=float, default=None, help="default 5e-7 (6e-7 with --reference-parity)")
+    add_optimizer_arguments(g, learning_rate=None, learning_rate_help="default 5e-7 (6e-7 with --reference-parity)")
     g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--micro-batch-size", type=int, default=4, help="completions per forward pass, per rank")
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (TRL: num_iterations)")
     g.add_argument("--kl-coef", type=float, default=0.04, help="beta; 0 skips the reference model")
     g.add_argument("--entropy-coef", type=float, default=1e-3)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
     add_zero3_arguments(g)
-    g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("GRPO variants (README: GRPO variants); the defaults are the paper's Trust-GRPO")
     g.add_argument("--loss-agg", choices=LOSS_AGGREGATIONS, default="token-mean",
@@ -143,8 +140,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("logging and checkpoints")
     add_checkpoint_arguments(g, save_every=100)  # step 2 also checkpoints its last step (unless --save-every 0)
     add_distributed_arguments(g)
-    g.add_argument("--eval-every", type=int, default=0, help="held-out validation every K steps (0: never)")
-    g.add_argument("--eval-max-samples", type=int, default=256)
+    add_eval_arguments(g)
     g.add_argument("--sample-every", type=int, default=10, help="log sample completions every K steps")
     g.add_argument("--log-completions", action="store_true",
                    help="every completion of every step, with its rewards and its group's gamma, to "
@@ -167,7 +163,7 @@ def parse_args(argv=None):
 def check_args(args, world_size: int) -> None:
     """Cross-flag checks, before any model is loaded."""
     positive = ["num_generations", "rollout_batch_size", "max_completion_length", "max_prompt_length", "max_steps",
-                "micro_batch_size", "ppo_epochs", "sample_every", "trm_max_concurrency",
+                "ppo_epochs", "sample_every", "trm_max_concurrency",
                 "trm_failure_window", "trm_timeout", "max_answer_chars", "anneal_horizon",
                 "vllm_tensor_parallel_size"]
     check_shared_args(args)

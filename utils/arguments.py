@@ -33,6 +33,23 @@ def add_zero3_arguments(group) -> None:
                        help="parameters smaller than this stay unsharded; 0 shards every parameter (tests)")
 
 
+def add_optimizer_arguments(group, *, learning_rate: float | None, learning_rate_help: str | None = None) -> None:
+    """AdamW, clipping, micro-batches and the seed of the trained models (steps 1 and 2)."""
+    group.add_argument("--learning-rate", type=float, default=learning_rate, help=learning_rate_help)
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    group.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
+    group.add_argument("--micro-batch-size", type=int, default=4,
+                       help="sequences per forward pass, per rank (step 1: examples; step 2: completions)")
+    group.add_argument("--seed", type=int, default=42)
+
+
+def add_eval_arguments(group) -> None:
+    """Periodic held-out evaluation of the trained models (steps 1 and 2)."""
+    group.add_argument("--eval-every", type=int, default=0,
+                       help="held-out evaluation every K steps (0: none on the way; step 1 also evaluates at its end)")
+    group.add_argument("--eval-max-samples", type=int, default=256, help="held-out rows used per evaluation")
+
+
 def add_checkpoint_arguments(group, *, save_every: int) -> None:
     """Periodic DeepSpeed checkpoints and --resume (steps 1 and 2)."""
     group.add_argument("--save-every", type=int, default=save_every,
@@ -60,6 +77,14 @@ def check_shared_args(args) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if hasattr(args, "dist_timeout_minutes") and not args.dist_timeout_minutes > 0:
         raise InputError(f"--dist-timeout-minutes must be > 0, got {args.dist_timeout_minutes}")
+    for name in ("learning_rate", "micro_batch_size", "eval_max_samples"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise InputError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    for name in ("weight_decay", "max_grad_norm", "eval_every"):
+        value = getattr(args, name, None)
+        if value is not None and not value >= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if hasattr(args, "save_every") and args.save_every < 0:
         raise InputError(f"--save-every must be >= 0 (0: no checkpoints), got {args.save_every}")
     if hasattr(args, "zero_param_persistence_threshold") and args.zero_param_persistence_threshold < 0:

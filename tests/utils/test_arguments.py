@@ -60,3 +60,26 @@ def test_step3_parses_without_checking_and_checks_apart():
     assert args.data_names == [] and args.benchmark_tsv == []
     with pytest.raises(InputError, match="nothing to evaluate"):
         step3.check_args(args)
+
+
+@pytest.mark.parametrize("stage", ["step1", "step2"])
+@pytest.mark.parametrize("flags, message", [
+    (["--learning-rate", "nan"], "--learning-rate must be > 0, got nan"),
+    (["--learning-rate", "0"], "--learning-rate must be > 0, got 0"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be > 0, got 0"),
+    (["--eval-max-samples", "0"], "--eval-max-samples must be > 0, got 0"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0, got -1"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm must be >= 0, got nan"),
+])
+def test_the_optimiser_and_evaluation_flags_have_one_rule_in_both_training_stages(stage, flags, message):
+    with pytest.raises(InputError, match=message):
+        checked(stage, *flags)
+
+
+def test_the_optimiser_flags_keep_each_stage_s_defaults():
+    trm, policy = checked("step1"), checked("step2")
+    assert (trm.learning_rate, policy.learning_rate) == (1e-5, 5e-7)  # step 2's resolved from its own rule
+    for args in (trm, policy):
+        assert (args.weight_decay, args.max_grad_norm, args.micro_batch_size, args.seed) == (0.0, 1.0, 4, 42)
+        assert (args.eval_every, args.eval_max_samples) == (0, 256)
