@@ -153,3 +153,26 @@ def assert_everything_died_quickly(launcher, ranks, bound_s=90):
     assert returncode != 0
     assert not alive_ranks, f"ranks still running: {[p.pid for p in alive_ranks]}"
     return time.monotonic() - start
+
+
+def _rank_main(rank, fn, world_size, port, args):
+    os.environ.update(ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    torch.set_num_threads(1)
+    fn(rank, *args)
+
+
+def run_on_ranks(fn, *args, world_size=2, timeout=300):
+    """fn(rank, *args) in `world_size` new processes with the environment the deepspeed launcher gives its ranks
+    (so that they form one process group); an exception on any rank fails the caller with that rank's traceback
+    and stops the other ranks. `fn` must be importable (a module-level function of a test module)."""
+    import torch.multiprocessing as mp
+    context = mp.start_processes(_rank_main, args=(fn, world_size, free_port(), args), nprocs=world_size,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish in {timeout} s")

@@ -7,9 +7,10 @@ import shutil
 import zlib
 
 import pytest
+import torch
 
 from tests.fake_judge import FakeJudge, reply, request_text
-from tests.helpers import check_ok, metrics, run_step2, without_timings
+from tests.helpers import check_ok, metrics, run_on_ranks, run_step2, without_timings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 FLAGS = ("--rollout-engine", "vllm", "--variant", "full", "--dynamic-sampling", "--rollout-is", "tis",
@@ -66,7 +67,45 @@ def test_dynamic_sampling_tis_and_global_token_mean_run_refill_and_resume_exactl
         assert all(len(g["completions"]) == 4 for g in completion_log(a, rank))
 
 
-def test_deepspeed_applies_the_gradient_of_the_step_global_token_mean(tiny_assets):
-    result = run_step2(tiny_assets, None, script="tests/step2/global_loss_check.py")
-    check_ok(result)
-    assert "GLOBAL-OK rank 0" in result.stdout and "GLOBAL-OK rank 1" in result.stdout
+def global_token_mean_gradient(rank):
+    """With --loss-agg token-mean-global the gradient DeepSpeed's ZeRO-3 applies over a step (2 ranks x 2
+    micro-batches of very different token counts) is that of (sum over every completion token of the step) / (their
+    number), computed here in one piece (the per-micro-batch token-mean's differs). Uses the functions step 2's
+    update_policy uses."""
+    import deepspeed
+
+    from sophiavl.utils.distributed import init_distributed, shutdown, sum_across_ranks
+    from sophiavl.utils.ds_config import zero3_train_config
+    from step2_trust_grpo.loss import masked_aggregate, step_denominator, step_units
+
+    rank, world_size = init_distributed()
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(world_size, 2, 2, 4, 3, generator=g)  # rank, micro-batch, sequence, token, feature
+    lengths = torch.tensor([[[4, 1], [1, 0]], [[4, 4], [3, 4]]])  # 6, 1 | 8, 7 completion tokens
+    masks = torch.arange(4)[None, None, None, :] < lengths[..., None]
+    w0 = torch.randn(3, generator=g)
+    model = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w0[None])
+    config = zero3_train_config(micro_batch_size=2, gradient_accumulation_steps=2, world_size=world_size, bf16=False,
+                                gradient_clipping=0.0, param_persistence_threshold=0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                      config=config)  # plain SGD, lr 1: w0 - w is the gradient DeepSpeed applied
+    units = sum(step_units("token-mean-global", masks[rank, m], 99) for m in range(2))
+    denominator = step_denominator(sum_across_ranks(units)[0], 2, world_size)
+    for m in range(2):
+        values = engine(features[rank, m]).squeeze(-1)  # a per-token "loss" linear in w
+        engine.backward(masked_aggregate(values, masks[rank, m], "token-mean-global", denominator))
+        engine.step()
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        applied = w0 - engine.module.weight.detach().clone()[0]
+    expected = (features * masks[..., None]).sum(dim=(0, 1, 2, 3)) / masks.sum()
+    torch.testing.assert_close(applied, expected, rtol=1e-5, atol=1e-6)
+    # what the per-micro-batch token-mean would have applied: the mean over micro-batches and ranks of their means
+    per_micro_batch = ((features * masks[..., None]).sum(dim=(2, 3)) / masks.sum(dim=(2, 3))[..., None]).mean((0, 1))
+    assert not torch.allclose(per_micro_batch, expected, rtol=1e-2), "the check cannot tell the aggregations apart"
+    shutdown()
+
+
+def test_deepspeed_applies_the_gradient_of_the_step_global_token_mean():
+    run_on_ranks(global_token_mean_gradient, timeout=300)
