@@ -16,6 +16,17 @@ def tiny_assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def short_pipeline(tmp_path_factory):
+    """One run of train.py on the short tiny setting (assets, warm start, step 1, the TRM server, step 2, step 3):
+    (its output folder, the finished process). Tests of later runs start from copies of its finished stages."""
+    pytest.importorskip("vllm")
+    from tests.helpers import run_short_tiny
+
+    output_dir = tmp_path_factory.mktemp("short_pipeline")
+    return output_dir, run_short_tiny("train.py", output_dir)
+
+
+@pytest.fixture(scope="session")
 def real_shaped_model(tmp_path_factory):
     """A tiny random-init Qwen2.5-VL laid out like Qwen2.5-VL-7B-Instruct (untied lm_head): the
     release's config files and real vocabulary (demo/real_shaped_model.py). Returns its folder."""

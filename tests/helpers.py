@@ -176,3 +176,21 @@ def run_on_ranks(fn, *args, world_size=2, timeout=300):
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish in {timeout} s")
+
+
+SHORT_TINY = ["--tiny-train-rows", "100", "--tiny-test-rows", "20", "--warm-start-steps", "5", "--step2-steps", "2",
+              "--step1-extra", "--max-steps 3 --eval-every 0"]  # train.py's and experiments/ablations.py's flags
+
+
+def run_short_tiny(script, output_dir, *extra, timeout=1500):
+    """train.py or experiments/ablations.py on the short tiny setting (the whole pipeline in a few minutes)."""
+    return subprocess.run([sys.executable, script, "--output-dir", str(output_dir), *SHORT_TINY, *extra], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def copy_finished_stages(source, target, stages: dict) -> None:
+    """Copy stage folders {name in source: name in target} of a finished short tiny run, so that a run in `target`
+    finds them done (their "done" markers, utils/pipeline.py) and starts at the first stage it has to run."""
+    import shutil
+    for name, new_name in stages.items():
+        shutil.copytree(os.path.join(source, name), os.path.join(target, new_name))

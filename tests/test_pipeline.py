@@ -9,32 +9,27 @@ import sys
 import psutil
 import pytest
 
+from tests.helpers import copy_finished_stages, run_short_tiny
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = {"trm_mae", "trm_mae_constant_baseline", "trm_spearman", "outcome_reward_first", "outcome_reward_last",
                 "acc_before", "acc_after", "wall_seconds", "stage_seconds"}
 STAGES = ("assets", "warm_start", "step1", "step2", "step3_before", "step3_after")
 
 
-def vllm_servers() -> list:
+def vllm_servers_of(output_dir) -> list:
+    """The vLLM servers still running on a model under output_dir."""
     return [p for p in psutil.process_iter(["cmdline"])
-            if any("vllm.entrypoints.openai.api_server" in part for part in (p.info["cmdline"] or []))]
-
-
-def run_pipeline(output_dir, *extra):
-    command = [sys.executable, "train.py", "--output-dir", str(output_dir), "--tiny-train-rows", "100",
-               "--tiny-test-rows", "20", "--warm-start-steps", "5", "--step2-steps", "2",
-               "--step1-extra", "--max-steps 3 --eval-every 0", *extra]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
+            if any("vllm.entrypoints.openai.api_server" in part for part in (p.info["cmdline"] or []))
+            and str(output_dir) in " ".join(p.info["cmdline"])]
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_tiny_pipeline_writes_every_output_and_stops_the_trm_server(tmp_path):
-    pytest.importorskip("vllm")
-    before = len(vllm_servers())
-    result = run_pipeline(tmp_path)
+def test_tiny_pipeline_writes_every_output_and_stops_the_trm_server(short_pipeline):
+    tmp_path, result = short_pipeline
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert len(vllm_servers()) == before, "the TRM server outlived the pipeline"
+    assert not vllm_servers_of(tmp_path), "the TRM server outlived the pipeline"
     assert "[trm-server] stopped" in result.stdout
 
     summary = json.load(open(tmp_path / "summary.json"))
@@ -60,20 +55,20 @@ def test_tiny_pipeline_writes_every_output_and_stops_the_trm_server(tmp_path):
     assert "at most 1 images per request" in result.stdout
 
     # a second run finds every stage done and redoes none of them
-    again = run_pipeline(tmp_path)
+    again = run_short_tiny("train.py", tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("done already") == len(STAGES)
     assert "[trm-server] starting" not in again.stdout
 
 
 @pytest.mark.slow
-def test_a_failing_stage_stops_the_pipeline_and_prints_its_log_tail(tmp_path):
-    # step 3 alone: "before" evaluates the warm start, "after" finds no step-2 policy and fails (exit 2)
-    result = subprocess.run([sys.executable, "train.py", "--output-dir", str(tmp_path), "--steps", "3",
-                             "--tiny-train-rows", "10", "--tiny-test-rows", "5", "--warm-start-steps", "1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+@pytest.mark.vllm
+def test_a_failing_stage_stops_the_pipeline_and_prints_its_log_tail(short_pipeline, tmp_path):
+    # step 3 alone, the earlier stages done: "after" finds no step-2 policy and fails (exit 2)
+    copy_finished_stages(short_pipeline[0], tmp_path, {s: s for s in ("assets", "policy_init", "step3_before")})
+    result = run_short_tiny("train.py", tmp_path, "--steps", "3", timeout=600)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "[step3_before] finished" in result.stdout
+    assert "[step3_before] done already" in result.stdout
     assert "[step3_after] failed (exit 2)" in result.stderr
     assert "error: cannot load a processor from" in result.stderr  # the tail of the stage's log
     assert not os.path.exists(tmp_path / "step3_after" / "summary.json")

@@ -1,15 +1,11 @@
 """experiments/ablations.py on a 1-seed, 2-step setting with two arms (GRPO and full Trust-GRPO): every
 stage runs, the doc's table has a row per arm with numbers, the plots exist, and a rerun redoes nothing."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from experiments.ablations import ARMS, KEY_ARMS, parse_args, planned_runs
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import copy_finished_stages, run_short_tiny
 
 
 def test_the_plan_pairs_seeds_and_groups_runs_by_trm_condition():
@@ -27,20 +23,20 @@ def test_the_plan_pairs_seeds_and_groups_runs_by_trm_condition():
 
 
 def run(output_dir, doc):
-    command = [sys.executable, "experiments/ablations.py", "--output-dir", str(output_dir), "--doc", str(doc),
-               "--arms", "grpo", "full", "--key-seeds", "1", "--other-seeds", "1", "--step2-steps", "2",
-               "--tiny-train-rows", "100", "--tiny-test-rows", "20", "--warm-start-steps", "5",
-               "--step1-extra", "--max-steps 3 --eval-every 0"]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    return run_short_tiny("experiments/ablations.py", output_dir, "--doc", str(doc), "--arms", "grpo", "full",
+                          "--key-seeds", "1", "--other-seeds", "1")
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_two_arms_one_seed_produce_the_table_and_a_rerun_redoes_nothing(tmp_path):
-    pytest.importorskip("vllm")
+def test_two_arms_one_seed_produce_the_table_and_a_rerun_redoes_nothing(short_pipeline, tmp_path):
+    # the tiny world, the evaluation before RL and the trained judge are the short train.py run's (same settings)
     out, doc = tmp_path / "out", tmp_path / "docs" / "ablations.md"
+    copy_finished_stages(short_pipeline[0], out, {"assets": "assets", "policy_init": "policy_init",
+                                                  "step3_before": "step3_before", "step1": "trm_trained"})
     result = run(out, doc)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("] done already") == 4  # assets, warm start, step 3 before, the trained judge
     text = doc.read_text()
     assert "Runs finished: 2 of 2" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| grpo ")
