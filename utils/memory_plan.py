@@ -75,7 +75,7 @@ def load_config(model: str) -> tuple[str, dict]:
     path = next((p for p in (shipped, os.path.join(model, "config.json"), model) if os.path.isfile(p)), None)
     if path is None:
         names = ", ".join(sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json")))
-        raise InputError(f"--model {model}: not a shipped config ({names}), a config.json or a model folder")
+        raise InputError(f"{model}: neither a shipped model config ({names}) nor a config.json or a model folder")
     with open(path, encoding="utf-8") as handle:
         return os.path.basename(model.rstrip("/")), json.load(handle)
 
