@@ -188,27 +188,51 @@ def test_the_base_dataset_is_valid(tmp_path, monkeypatch):
         assert [row["id"] for row in rows] == ["1", "2", "3"] and all(len(row["images"]) == 1 for row in rows)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
-def test_malformed_input_is_one_error_line_exit_2_and_no_outputs(tmp_path, tiny_assets, case):
+def command_line(tmp_path, tiny_assets, case):
     registry, data_path, flags, output_dir, message = case(tmp_path / "data")
     output_dir = output_dir or tmp_path / "run"
-    command = [sys.executable, os.path.join(REPO, "step2_trust_grpo", "main.py"), "--model-path", tiny_assets["model"],
-               "--registry", registry, "--data-path", data_path, "--output-dir", str(output_dir),
-               "--variant", "grpo", "--rollout-batch-size", "2", "--num-generations", "2", "--micro-batch-size", "4",
-               "--max-steps", "2", "--save-every", "1", *flags]
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
+    argv = ["--model-path", tiny_assets["model"], "--registry", registry, "--data-path", data_path,
+            "--output-dir", str(output_dir), "--variant", "grpo", "--rollout-batch-size", "2", "--num-generations", "2",
+            "--micro-batch-size", "4", "--max-steps", "2", "--save-every", "1", *flags]
+    return argv, output_dir, message
 
-    start = time.monotonic()
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    elapsed = time.monotonic() - start
 
-    assert result.returncode == 2, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
+def assert_one_error_line(stderr, message, output_dir):
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
     assert message in errors[0], errors[0]
-    assert result.stderr.rstrip().endswith(errors[0]) and "Traceback" not in result.stderr
-    assert "Setting accelerator" not in result.stderr  # DeepSpeed was never imported
-    assert elapsed < 30
+    assert stderr.rstrip().endswith(errors[0]) and "Traceback" not in stderr
     if os.path.isdir(output_dir):
         assert os.listdir(output_dir) == []  # nothing a later run or a reader could take for results
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
+def test_malformed_input_is_one_error_line_exit_2_and_no_outputs(tmp_path, tiny_assets, case, capsys, monkeypatch):
+    """main() in this process (the checks run before anything distributed); the subprocess test below shows the
+    same path from the command line."""
+    import datasets
+
+    from step2_trust_grpo.main import main
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv, output_dir, message = command_line(tmp_path, tiny_assets, case)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, message, output_dir)
+
+
+@pytest.mark.parametrize("case", [missing_image, output_beneath_a_file], ids=lambda case: case.__name__)
+def test_from_the_command_line_bad_input_exits_2_in_seconds_without_importing_deepspeed(tmp_path, tiny_assets, case):
+    argv, output_dir, message = command_line(tmp_path, tiny_assets, case)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, os.path.join(REPO, "step2_trust_grpo", "main.py"), *argv], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert_one_error_line(result.stderr, message, output_dir)
+    assert "Setting accelerator" not in result.stderr  # DeepSpeed was never imported
+    assert elapsed < 30
