@@ -34,8 +34,9 @@ def package_versions() -> dict:
     return versions
 
 
-def git_commit() -> dict:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def git_commit(repo: str | None = None) -> dict:
+    """The commit of `repo` (default: the checkout this code runs from) and whether tracked files changed."""
+    repo = repo or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def git(*cmd):
         result = subprocess.run(["git", "-C", repo, *cmd], capture_output=True, text=True, timeout=10)

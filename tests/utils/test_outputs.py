@@ -1,12 +1,10 @@
 """Output directories: prepare_output_dir, write_atomic, write_run_info, package_versions and git_commit."""
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import pathlib
 import platform
-import shutil
 import subprocess
 import sys
 
@@ -77,38 +75,28 @@ def git(repo, *args):
                           check=True, capture_output=True, text=True).stdout.strip()
 
 
-def copy_of_outputs(root):
-    """utils/outputs.py copied to root/utils/: its git_commit reads the repository that holds root."""
-    os.makedirs(root / "utils")
-    shutil.copy(outputs.__file__, root / "utils" / "outputs.py")
-    spec = importlib.util.spec_from_file_location(f"outputs_copy_{root.name}", root / "utils" / "outputs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_git_commit_in_a_repository(tmp_path):
-    copy = copy_of_outputs(tmp_path)
+    (tmp_path / "train.py").write_text("print('a tracked file')\n")
     git(tmp_path, "init", "-q")
-    git(tmp_path, "add", "utils/outputs.py")
+    git(tmp_path, "add", "train.py")
     git(tmp_path, "commit", "-q", "-m", "first")
     head = git(tmp_path, "rev-parse", "HEAD")
     assert len(head) == 40
-    assert copy.git_commit() == {"commit": head, "dirty": False}
+    assert outputs.git_commit(str(tmp_path)) == {"commit": head, "dirty": False}
     (tmp_path / "untracked.txt").write_text("x")
-    assert copy.git_commit() == {"commit": head, "dirty": False}  # untracked files do not count
-    with open(tmp_path / "utils" / "outputs.py", "a") as f:
+    assert outputs.git_commit(str(tmp_path)) == {"commit": head, "dirty": False}  # untracked files do not count
+    with open(tmp_path / "train.py", "a") as f:
         f.write("# an uncommitted change\n")
-    assert copy.git_commit() == {"commit": head, "dirty": True}
+    assert outputs.git_commit(str(tmp_path)) == {"commit": head, "dirty": True}
 
 
 def test_git_commit_outside_a_repository_has_no_commit(tmp_path):
     assert outputs.git_commit()["commit"] is not None  # this checkout is a repository
-    assert copy_of_outputs(tmp_path).git_commit()["commit"] is None
+    assert outputs.git_commit(str(tmp_path))["commit"] is None
 
 
 def test_git_commit_outside_a_repository_does_not_claim_a_clean_tree(tmp_path):
-    assert copy_of_outputs(tmp_path).git_commit() == {"commit": None, "dirty": None}
+    assert outputs.git_commit(str(tmp_path)) == {"commit": None, "dirty": None}
 
 
 def test_write_run_info(tmp_path, monkeypatch):
