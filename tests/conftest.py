@@ -41,3 +41,30 @@ def real_shaped_judge(tmp_path_factory):
     from sophiavl.demo.real_shaped_model import build_real_shaped
 
     return build_real_shaped(str(tmp_path_factory.mktemp("real_shaped") / "judge"), tied=True)
+
+
+@pytest.fixture(scope="session")
+def _single_process_group():
+    """A single-process gloo group inside the test process, made once (DeepSpeed caches its groups: it cannot join
+    a new one after this one is destroyed). Returns the launcher's variables it was made with."""
+    import torch
+
+    from sophiavl.utils.distributed import init_distributed
+    from tests.helpers import free_port
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0"}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert init_distributed(timeout_minutes=1) == (0, 1)
+    yield env
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def process_group(_single_process_group, monkeypatch):
+    """For a DeepSpeed engine in the test process: the group, and the launcher's variables set for this test only
+    (a process that a later test starts must not inherit them: it would join this group's port)."""
+    for name, value in _single_process_group.items():
+        monkeypatch.setenv(name, value)

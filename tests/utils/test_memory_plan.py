@@ -13,9 +13,7 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs,
 
 from sophiavl.demo.real_shaped_model import VISION_CONFIG, release_config
 from sophiavl.utils import memory_plan as mp
-from sophiavl.utils.distributed import init_distributed
 from sophiavl.utils.ds_config import zero3_train_config
-from tests.helpers import free_port
 
 # Parameters of the releases: what transformers builds from each config.json (safetensors totals on the Hub:
 # Qwen2.5-VL-7B 8.29B, -3B 3.75B; Qwen3-VL-8B 8,767,123,696 and -4B 4,437,815,808 by the Hub's API).
@@ -96,17 +94,6 @@ def test_partition_arithmetic_by_hand():
     assert mp.partition_numel(modules, 3) == 2 * (4 + 3) + 3
     assert mp.partition_numel(modules, 8) == 2 * (2 + 1) + 1
     assert mp.persisted_numel(modules, 8) == 2 * 7 + 8
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-                            "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-            monkeypatch.setenv(name, value)
-        assert init_distributed(timeout_minutes=1) == (0, 1)
-        yield
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("tied, bf16, freeze", [(False, True, False), (True, False, True)],
@@ -298,3 +285,24 @@ def test_stage_command_lines_map_onto_the_plan(monkeypatch):
                        "--micro-batch-size", "2", "--freeze-vision-tower", "--attn-implementation", "sdpa"])
     assert mp.settings_from_args(args, 8, stage=1) == mp.Settings.step1(
         prompt_length=4096, micro_batch_size=2, freeze_vision_tower=True, attn_implementation="sdpa")
+
+
+def test_plan_flag_of_the_stages_prints_the_plan_and_exits(monkeypatch, capsys, tmp_path):
+    from step1_reward_model.main import main as step1_main
+    from step2_trust_grpo.main import main as step2_main
+
+    for name, value in {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    output = tmp_path / "out"  # nothing is read (no such data) or written
+    step2_main(["--model-path", "Qwen/Qwen2.5-VL-7B-Instruct", "--registry", "no.json", "--data-path", "none",
+                "--output-dir", str(output), "--trm-url", "http://trm.invalid/v1", "--gradient-checkpointing",
+                "--vllm-sleep-mode", "--plan"])
+    printed = capsys.readouterr().out
+    assert "16 GPUs (8 per node x 2)" in printed and "sleep mode on; reference model kept (KL 0.04)" in printed
+    step1_main(["--model-path", "Qwen/Qwen2.5-VL-3B-Instruct", "--train-data", "no.jsonl", "--output-dir",
+                str(output), "--plan"])
+    assert "lm_head tied" in capsys.readouterr().out and not output.exists()
+    monkeypatch.setenv("RANK", "3")  # under the deepspeed launcher only rank 0 prints
+    step1_main(["--model-path", "Qwen/Qwen2.5-VL-3B-Instruct", "--train-data", "no.jsonl", "--output-dir",
+                str(output), "--plan"])
+    assert capsys.readouterr().out == ""

@@ -9,25 +9,11 @@ import transformers
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
-from sophiavl.utils.distributed import init_distributed
 from sophiavl.utils.ds_config import zero3_train_config
 from sophiavl.utils.zero3 import gathered_weights, load_checkpoint, save_checkpoint, save_hf_model
-from tests.helpers import free_port
 
 LR = 0.1
 INPUT = torch.linspace(-1, 1, 8).reshape(2, 4)
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """One single-process gloo group for the module (DeepSpeed caches its groups: it cannot re-join a new one)."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-                            "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-            monkeypatch.setenv(name, value)
-        assert init_distributed(timeout_minutes=1) == (0, 1)
-        yield
-        torch.distributed.destroy_process_group()
 
 
 def tiny_model(seed):
