@@ -15,13 +15,15 @@ import argparse
 import datetime
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 from sophiavl.demo.report import write_report
 from sophiavl.utils.cli import InputError
 from sophiavl.utils.data import max_images_per_prompt
-from sophiavl.utils.pipeline import Pipeline, StageFailed, tiny_setup, with_trm_server
+from sophiavl.utils.pipeline import PYTHON, Pipeline, StageFailed, tiny_setup, with_trm_server
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default=None, help="default: outputs/<deployment-type>-<time>")
     p.add_argument("--trm-path", default=None, help="an existing TRM (HF directory): skips training step 1")
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs already exist")
+    p.add_argument("--plan", action="store_true",
+                   help="GPU deployments: print the memory plans of steps 1 and 2 as their launchers would run them "
+                        "(docs/memory_plan.md) and exit; reads only the models' config.json")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("tiny run sizes (defaults: the full tiny demo; tests shrink them)")
     g.add_argument("--tiny-train-rows", type=int, default=2000)
@@ -125,8 +130,32 @@ def gpus(pipeline: Pipeline) -> None:
                                  a.registry, a.eval_data_path], done_when=out(stage, "summary.json"))
 
 
+def print_plans(args) -> int:
+    """--plan: the launchers of gpus(), with PLAN_ONLY=1, print their memory plans and stop before DeepSpeed."""
+    if args.deployment_type == "tiny":
+        print("error: --plan plans a GPU deployment (--deployment-type single_gpu, single_node or multi_node)",
+              file=sys.stderr)
+        return 2
+    env = {**os.environ, "PLAN_ONLY": "1", "PYTHON": PYTHON,
+           **({"NUM_GPUS": "1"} if args.deployment_type == "single_gpu" else {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        commands = []
+        if 1 in args.steps and not args.trm_path:
+            commands.append(["bash", "step1_reward_model/training_scripts/train_qwen2_5_vl_3b.sh",
+                             os.path.join(tmp, "step1"), args.trm_data, args.trm_base_model])
+        if 2 in args.steps:
+            launcher = (["step2_trust_grpo/training_scripts/run_multinode.sh", os.path.join(tmp, "step2"),
+                         args.hostfile] if args.deployment_type == "multi_node" else
+                        ["step2_trust_grpo/training_scripts/run_qwen2_5_vl_7b.sh", os.path.join(tmp, "step2")])
+            commands.append(["bash", *launcher, args.actor_model, args.registry, args.data_path,
+                             "http://trm.invalid/v1"])  # the plan never calls the TRM
+        return max([subprocess.call(command, cwd=REPO, env=env) for command in commands], default=0)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plan:
+        return print_plans(args)
     pipeline = Pipeline(args, REPO)
     start = time.perf_counter()
     try:

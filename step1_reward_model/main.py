@@ -24,10 +24,11 @@ from sophiavl.utils.data import ReadableRows, epoch_order
 from sophiavl.utils.distributed import init_distributed, shutdown, sum_across_ranks
 from sophiavl.utils.ds_config import zero3_train_config
 from sophiavl.utils.generation import Sampling, hf_generate
+from sophiavl.utils.memory_plan import print_stage_plan
 from sophiavl.utils.metrics_log import MetricsLogger
 from sophiavl.utils.arguments import (add_checkpoint_arguments, add_distributed_arguments, add_eval_arguments,
                                       add_logging_arguments, add_model_arguments, add_optimizer_arguments,
-                                      add_zero3_arguments, check_shared_args)
+                                      add_plan_argument, add_zero3_arguments, check_shared_args)
 from sophiavl.utils.model import apply_training_flags, encode_images_first, load_model, load_processor, resolve_dtype
 from sophiavl.utils.outputs import prepare_output_dir, write_atomic, write_run_info
 from sophiavl.utils.prompt_length import drop_over_long
@@ -66,6 +67,7 @@ def parse_args(argv=None):
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decays to learning-rate x this")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
     add_zero3_arguments(g)
+    add_plan_argument(g)
 
     g = p.add_argument_group("evaluation, logging and checkpoints")
     add_eval_arguments(g)
@@ -166,6 +168,9 @@ def main(argv=None):
     # ---- arguments, data, distributed: every check before any model is loaded ----
     args = parse_args(argv)
     check_args(args)
+    if args.plan:  # before the data, DeepSpeed or any model
+        print_stage_plan(args, stage=1)
+        return
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     prepare_output_dir(args.output_dir)
     train_rows = read_trm_rows(args.train_data, args.image_base)

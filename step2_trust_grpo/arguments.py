@@ -4,7 +4,7 @@ import argparse
 from sophiavl.utils.cli import InputError
 from sophiavl.utils.arguments import (add_checkpoint_arguments, add_distributed_arguments, add_eval_arguments,
                                       add_logging_arguments, add_model_arguments, add_optimizer_arguments,
-                                      add_zero3_arguments, check_shared_args)
+                                      add_plan_argument, add_zero3_arguments, check_shared_args)
 from sophiavl.utils.trm_client import normalize_base_url
 
 from .loss import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS
@@ -87,6 +87,7 @@ def parse_args(argv=None):
     g.add_argument("--kl-coef", type=float, default=0.04, help="beta; 0 skips the reference model")
     g.add_argument("--entropy-coef", type=float, default=1e-3)
     add_zero3_arguments(g)
+    add_plan_argument(g)
 
     g = p.add_argument_group("GRPO variants (README: GRPO variants); the defaults are the paper's Trust-GRPO")
     g.add_argument("--loss-agg", choices=LOSS_AGGREGATIONS, default="token-mean",

@@ -22,6 +22,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from sophiavl.utils.cli import RunAborted, exit_on_input_error
 from sophiavl.utils.data import ReadableRows, epoch_order, load_rows
 from sophiavl.utils.ds_config import zero3_inference_config, zero3_train_config
+from sophiavl.utils.memory_plan import print_stage_plan
 from sophiavl.utils.metrics_log import MetricsLogger
 from sophiavl.utils.distributed import init_distributed, mean_across_ranks, min_across_ranks, shutdown, sum_across_ranks
 from sophiavl.utils.generation import Sampling, prompt_seed, stop_token_ids
@@ -235,6 +236,9 @@ def main(argv=None):
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_args(args, world_size)
+    if args.plan:  # before the TRM, the data, DeepSpeed or any model
+        print_stage_plan(args, stage=2)
+        return
     trm = TRMClient(args.trm_url, args.trm_model, max_concurrency=args.trm_max_concurrency,
                     timeout_s=args.trm_timeout, max_retries=args.trm_max_retries,
                     max_images=args.trm_max_images) if args.use_thinking_reward else None

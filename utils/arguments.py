@@ -33,6 +33,14 @@ def add_zero3_arguments(group) -> None:
                        help="parameters smaller than this stay unsharded; 0 shards every parameter (tests)")
 
 
+def add_plan_argument(group) -> None:
+    """--plan: the run's memory plan (utils/memory_plan.py) instead of the run (steps 1 and 2)."""
+    group.add_argument("--plan", action="store_true",
+                       help="print this command line's memory plan per GPU and node (docs/memory_plan.md) and exit, "
+                            "reading only the model's config.json (a hub name: the shipped config of that name); "
+                            "for the GPUs of WORLD_SIZE and LOCAL_WORLD_SIZE, as the deepspeed launcher sets them")
+
+
 def add_optimizer_arguments(group, *, learning_rate: float | None, learning_rate_help: str | None = None) -> None:
     """AdamW, clipping, micro-batches and the seed of the trained models (steps 1 and 2)."""
     group.add_argument("--learning-rate", type=float, default=learning_rate, help=learning_rate_help)

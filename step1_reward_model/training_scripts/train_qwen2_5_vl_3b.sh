@@ -12,11 +12,16 @@ STAGE=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUTPUT"
 
 # 8 GPUs x micro-batch 4 x accumulation 4 = 128 rows per step; ~156k rows -> ~2,450 steps for 2 epochs.
-deepspeed --num_gpus "${NUM_GPUS:-8}" "$STAGE/main.py" \
+RUN=("$STAGE/main.py" \
   --model-path "$MODEL" --train-data "$TRAIN" --output-dir "$OUTPUT" \
   --epochs 2 --learning-rate 1e-5 --warmup-ratio 0.03 --weight-decay 0.0 \
   --micro-batch-size 4 --gradient-accumulation-steps 4 --dtype bfloat16 \
   --attn-implementation auto --gradient-checkpointing \
   --min-pixels 3136 --max-pixels 1003520 \
-  --eval-split-fraction 0.01 --eval-every 250 --eval-max-samples 512 --save-every 500 "$@" \
-  2>&1 | tee "$OUTPUT/training.log"
+  --eval-split-fraction 0.01 --eval-every 250 --eval-max-samples 512 --save-every 500 "$@")
+# the memory plan of this very command line first (docs/memory_plan.md); PLAN_ONLY=1 stops after it
+WORLD=${NUM_GPUS:-8} LOCAL=${NUM_GPUS:-8}
+WORLD_SIZE=$WORLD LOCAL_WORLD_SIZE=$LOCAL "${PYTHON:-python}" "${RUN[@]}" --plan 2>&1 | tee "$OUTPUT/training.log" \
+  || echo "(no memory plan for $MODEL)" | tee -a "$OUTPUT/training.log"
+[[ -z "${PLAN_ONLY:-}" ]] || exit 0
+deepspeed --num_gpus "${NUM_GPUS:-8}" "${RUN[@]}" 2>&1 | tee -a "$OUTPUT/training.log"

@@ -13,7 +13,7 @@ shift 5
 STAGE=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUTPUT"
 
-deepspeed --num_gpus "${NUM_GPUS:-8}" "$STAGE/main.py" \
+RUN=("$STAGE/main.py" \
   --model-path "$MODEL" --registry "$REGISTRY" --data-path "$DATA" --output-dir "$OUTPUT" \
   --trm-url "$TRM_URL" --trm-model thinking-reward-model \
   --rollout-engine vllm --vllm-gpu-memory-utilization 0.4 --vllm-sleep-mode \
@@ -21,4 +21,10 @@ deepspeed --num_gpus "${NUM_GPUS:-8}" "$STAGE/main.py" \
   --max-prompt-length 4096 --max-completion-length 1024 --min-pixels 3136 --max-pixels 1003520 \
   --dtype bfloat16 --attn-implementation auto --gradient-checkpointing \
   --learning-rate 5e-7 --kl-coef 0.04 --entropy-coef 1e-3 --alpha 0.3 --max-steps 1500 \
-  --save-every 100 --sample-every 10 "$@" 2>&1 | tee "$OUTPUT/training.log"
+  --save-every 100 --sample-every 10 "$@")
+# the memory plan of this very command line first (docs/memory_plan.md); PLAN_ONLY=1 stops after it
+WORLD=${NUM_GPUS:-8} LOCAL=${NUM_GPUS:-8}
+WORLD_SIZE=$WORLD LOCAL_WORLD_SIZE=$LOCAL "${PYTHON:-python}" "${RUN[@]}" --plan 2>&1 | tee "$OUTPUT/training.log" \
+  || echo "(no memory plan for $MODEL)" | tee -a "$OUTPUT/training.log"
+[[ -z "${PLAN_ONLY:-}" ]] || exit 0
+deepspeed --num_gpus "${NUM_GPUS:-8}" "${RUN[@]}" 2>&1 | tee -a "$OUTPUT/training.log"
