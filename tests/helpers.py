@@ -35,6 +35,9 @@ def run_script(command, timeout=600, cwd=REPO):
                           timeout=timeout)
 
 
+GRPO_FLAGS = ("--rollout-engine", "hf", "--variant", "grpo", "--save-every", "1", "--log-completions")  # step 2
+
+
 def step2_command(tiny_assets, output_dir, *flags, script="step2_trust_grpo/main.py") -> list:
     """2 ranks of `script` under the deepspeed launcher; a step-2 main.py gets the tiny run's flags first."""
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), script,

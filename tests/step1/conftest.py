@@ -1,5 +1,7 @@
-"""Step-1 fixtures: labelled TRM traces of the tiny tasks, built once per test session."""
+"""Step-1 fixtures, built once per test session: labelled TRM traces of the tiny tasks, and a judge trained on them."""
 import pytest
+
+from tests.helpers import deepspeed_run
 
 
 @pytest.fixture(scope="session")
@@ -11,3 +13,11 @@ def traces(tiny_assets, tmp_path_factory):
     trm_traces.main(["--registry", tiny_assets["registry"], "--data-path", "tiny_train", "--max-rows", "30",
                      "--output", str(path)])
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_assets, traces, tmp_path_factory):
+    """A 2-rank ZeRO-3 run of step 1 with tests.helpers.step1_command's flags: (its output folder, its log)."""
+    output_dir = tmp_path_factory.mktemp("trm")
+    log = deepspeed_run(tiny_assets["model"], traces, output_dir)
+    return output_dir, log

@@ -7,18 +7,16 @@ import time
 
 import pytest
 
-from tests.helpers import (assert_everything_died_quickly, check_ok, kill_group, latest_tag, metrics, run_step2,
-                           start_step2, training_ranks, wait_for, without_timings)
+from tests.helpers import (GRPO_FLAGS, assert_everything_died_quickly, check_ok, kill_group, latest_tag, metrics,
+                           run_step2, start_step2, training_ranks, wait_for, without_timings)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-FLAGS = ("--rollout-engine", "hf", "--variant", "grpo", "--save-every", "1")
+FLAGS = GRPO_FLAGS
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_assets, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("uninterrupted")
-    check_ok(run_step2(tiny_assets, output_dir, *FLAGS, "--max-steps", "4"))
-    return [without_timings(row) for row in metrics(output_dir)]
+def uninterrupted(grpo_run):
+    return [without_timings(row) for row in metrics(grpo_run)]
 
 
 def test_kill_9_of_one_rank_stops_the_run_and_resume_repeats_the_next_steps_exactly(tiny_assets, tmp_path,

@@ -8,44 +8,43 @@ import pytest
 import torch
 
 from tests.fake_judge import FakeJudge, fixed_score, status
-from tests.helpers import check_ok, metrics, run_on_ranks, run_step2, without_timings
+from tests.helpers import GRPO_FLAGS, check_ok, metrics, run_on_ranks, run_step2, without_timings
 
 pytestmark = pytest.mark.slow
 
 
-def test_grpo_run_saves_everything_and_resume_repeats_the_next_steps_exactly(tiny_assets, tmp_path):
-    flags = ["--rollout-engine", "hf", "--variant", "grpo", "--save-every", "2", "--log-completions"]
-    check_ok(run_step2(tiny_assets, tmp_path / "a", *flags, "--max-steps", "4"))
-    check_ok(run_step2(tiny_assets, tmp_path / "b", *flags, "--max-steps", "2"))
-    check_ok(run_step2(tiny_assets, tmp_path / "b", *flags, "--max-steps", "4", "--resume"))
+def test_grpo_run_saves_everything_and_resume_repeats_the_next_steps_exactly(tiny_assets, grpo_run, tmp_path):
+    a = grpo_run  # 4 uninterrupted steps
+    check_ok(run_step2(tiny_assets, tmp_path / "b", *GRPO_FLAGS, "--max-steps", "2"))
+    check_ok(run_step2(tiny_assets, tmp_path / "b", *GRPO_FLAGS, "--max-steps", "4", "--resume"))
 
-    uninterrupted, resumed = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    uninterrupted, resumed = metrics(a), metrics(tmp_path / "b")
     assert [row["step"] for row in resumed] == [1, 2, 3, 4]
     assert [without_timings(r) for r in resumed] == [without_timings(r) for r in uninterrupted]
     assert uninterrupted[0]["kl"] == 0.0 and uninterrupted[1]["kl"] > 0  # the policy moved off the reference
     for rank in (0, 1):  # every completion logged, the resumed run's the same as the uninterrupted one's
-        logged = [[json.loads(line) for line in open(tmp_path / run / "completions" / f"rank{rank}.jsonl")]
-                  for run in ("a", "b")]
+        logged = [[json.loads(line) for line in open(run / "completions" / f"rank{rank}.jsonl")]
+                  for run in (a, tmp_path / "b")]
         assert logged[0] == logged[1]
         assert [g["step"] for g in logged[0]] == [1, 1, 2, 2, 3, 3, 4, 4]  # 2 groups of 4 per rank and step
         assert all(len(g["completions"]) == len(g["outcome"]) == len(g["reward"]) == 4 for g in logged[0])
         assert all(g["reward"] == g["outcome"] and g["gamma"] == 1.0 for g in logged[0])  # GRPO: R = R^o
 
-    with open(tmp_path / "a" / "checkpoints" / "latest") as f:
+    with open(a / "checkpoints" / "latest") as f:
         assert f.read().strip() == "step4"
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "a" / "tensorboard"))
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(a / "tensorboard"))
     for name in ("args.json", "run_info.json"):
-        assert os.path.exists(tmp_path / "a" / name)
+        assert os.path.exists(a / name)
 
     import torch
     from transformers import AutoModelForImageTextToText
 
-    final = AutoModelForImageTextToText.from_pretrained(tmp_path / "a" / "final", dtype=torch.float32)
+    final = AutoModelForImageTextToText.from_pretrained(a / "final", dtype=torch.float32)
     initial = AutoModelForImageTextToText.from_pretrained(tiny_assets["model"], dtype=torch.float32)
     moved = [name for (name, p), (_, q) in zip(final.named_parameters(), initial.named_parameters())
              if not torch.equal(p, q)]
     assert moved, "training changed no weight of the saved policy"
-    assert os.path.exists(tmp_path / "a" / "final" / "tokenizer.json")
+    assert os.path.exists(a / "final" / "tokenizer.json")
 
 
 @pytest.mark.vllm
