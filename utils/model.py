@@ -1,10 +1,12 @@
 """Loading the policy / TRM and its processor, and turning chat messages into model inputs."""
 import importlib
 import logging
+import os
 
 import torch
 
 from sophiavl.utils.cli import InputError
+from sophiavl.utils.model_family import family_of
 
 
 def default_dtype() -> torch.dtype:
@@ -70,6 +72,8 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "auto",
     only while that object is alive, so we keep a reference on the model."""
     from transformers import AutoModelForImageTextToText
 
+    if os.path.isfile(os.path.join(path, "config.json")):
+        family_of(path)  # an unsupported model_type is one line here, not a failure deep in a step
     attn_implementation = resolve_attn_implementation(attn_implementation)
     logging.getLogger(__name__).info("attention implementation: %s", attn_implementation)
     try:
@@ -107,15 +111,22 @@ def encode_images_first(module, inputs: dict) -> torch.Tensor:
             grid = grid[first_slots]
         encoded = module.model.get_image_features(pixel_values, grid, return_dict=True)
         if image_index is not None:
-            encoded.pooler_output = tuple(encoded.pooler_output[d] for d in image_index.tolist())
+            slots = image_index.tolist()
+            encoded.pooler_output = tuple(encoded.pooler_output[d] for d in slots)
+            if getattr(encoded, "deepstack_features", None):  # Qwen3-VL: per merger, one tensor per image
+                encoded.deepstack_features = [tuple(per_image[d] for d in slots)
+                                              for per_image in encoded.deepstack_features]
         inputs["mm_encoder_outputs"] = {"image": encoded}
         return torch.zeros((), device=module.device)
     cfg = module.model.visual.config
     grid = torch.tensor([[1, cfg.spatial_merge_size, cfg.spatial_merge_size]], device=module.device)
     patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
     dummy = torch.zeros(int(grid.prod()), patch_dim, dtype=module.model.visual.dtype, device=module.device)
-    encoded = module.model.get_image_features(dummy, grid, return_dict=True).pooler_output
-    return 0.0 * sum(part.float().sum() for part in encoded)
+    encoded = module.model.get_image_features(dummy, grid, return_dict=True)
+    # Qwen3-VL's deepstack mergers ran too: their parameters must be in the graph like the main merger's
+    parts = list(encoded.pooler_output) + [t for per_image in getattr(encoded, "deepstack_features", None) or []
+                                           for t in per_image]
+    return 0.0 * sum(part.float().sum() for part in parts)
 
 
 def apply_training_flags(model, *, freeze_vision_tower: bool, gradient_checkpointing: bool) -> None:
