@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sophiavl.utils.cli import InputError
 from sophiavl.utils.model import chat_inputs
+from sophiavl.utils.model_family import family_of, vllm_cpu_refusal
 from sophiavl.utils.vision import pixel_limits
 
 
@@ -117,6 +119,10 @@ def build_vllm(
     size vLLM's memory profiling and encoder cache for them rather than for the checkpoint's 12.8M pixels)."""
     import os
 
+    if not torch.cuda.is_available() and os.path.isfile(os.path.join(model_path, "config.json")):
+        refusal = vllm_cpu_refusal(family_of(model_path), dtype)
+        if refusal:
+            raise InputError(f"{model_path}: {refusal}")
     if not torch.cuda.is_available():
         # vllm-cpu: keep the engine in this process and small; don't pin OpenMP threads to cores
         # that DeepSpeed's other ranks use too.

