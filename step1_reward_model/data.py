@@ -17,7 +17,7 @@ from sophiavl.utils.cli import InputError
 from sophiavl.utils.data import open_images, read_jsonl_objects
 from sophiavl.utils.model import chat_inputs
 from sophiavl.utils.prompt_length import sharded_prompt_lengths
-from sophiavl.utils.prompts import trm_messages
+from sophiavl.utils.prompts import JUDGE_THINKING, trm_messages
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +104,11 @@ def encode_example(processor, row: dict, images: list) -> dict:
     """Token ids of prompt + target, labels -100 everywhere but the target, and the image tensors.
 
     The target is tokenized on its own and appended after the generation prompt ("...assistant\\n"), which is
-    where generation starts when the judge scores, so training and use see the same token boundary.
+    where generation starts when the judge scores, so training and use see the same token boundary; with the
+    template's thinking off (JUDGE_THINKING), as the served judge is asked for (utils.trm_client).
     """
-    prompt = chat_inputs(processor, [trm_messages(row["question"], row["response"], len(images))], [images])
+    prompt = chat_inputs(processor, [trm_messages(row["question"], row["response"], len(images))], [images],
+                         enable_thinking=JUDGE_THINKING)
     target = target_ids(processor.tokenizer, row["score"])
     prompt_ids = prompt["input_ids"][0]
     example = {
@@ -131,7 +133,7 @@ def example_lengths(processor, rows: list[dict], at_most: int | None = None) -> 
     targets = {score: len(target_ids(processor.tokenizer, score)) for score in {row["score"] for row in rows}}
     prompts = sharded_prompt_lengths(
         processor, rows, lambda row: trm_messages(row["question"], row["response"], len(row["images"])),
-        None if at_most is None else at_most - max(targets.values()))
+        None if at_most is None else at_most - max(targets.values()), enable_thinking=JUDGE_THINKING)
     return [prompt + targets[row["score"]] for prompt, row in zip(prompts, rows)]
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from sophiavl.utils.cli import InputError, exit_on_input_error
 from sophiavl.utils.data import open_images
 from sophiavl.utils.outputs import prepare_output_dir, write_atomic, write_run_info
-from sophiavl.utils.prompts import trm_messages
+from sophiavl.utils.prompts import JUDGE_THINKING, trm_messages
 from sophiavl.utils.outcome_reward import parse_score
 
 if not __package__:  # run as a script (`deepspeed step1_reward_model/evaluate.py`, or a copy of the folder)
@@ -142,7 +142,8 @@ def score_in_process(rows: list[dict], model_path: str, batch_size: int, max_new
         batch = rows[start:start + batch_size]
         images = [open_images(row) for row in batch]
         chats = [trm_messages(r["question"], r["response"], len(i)) for r, i in zip(batch, images)]
-        texts += hf_generate(model, processor, chats, images, Sampling(max_new_tokens=max_new_tokens))[0]
+        texts += hf_generate(model, processor, chats, images, Sampling(max_new_tokens=max_new_tokens),
+                             enable_thinking=JUDGE_THINKING)[0]
     return texts
 
 

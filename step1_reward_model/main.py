@@ -32,7 +32,7 @@ from sophiavl.utils.arguments import (add_checkpoint_arguments, add_distributed_
 from sophiavl.utils.model import apply_training_flags, encode_images_first, load_model, load_processor, resolve_dtype
 from sophiavl.utils.outputs import prepare_output_dir, write_atomic, write_run_info
 from sophiavl.utils.prompt_length import drop_over_long
-from sophiavl.utils.prompts import trm_messages
+from sophiavl.utils.prompts import JUDGE_THINKING, trm_messages
 from sophiavl.utils.outcome_reward import parse_score
 from sophiavl.utils.zero3 import load_checkpoint, save_checkpoint, save_hf_model
 
@@ -148,7 +148,8 @@ def evaluate_judge(model, processor, eval_data: ReadableRows, args, rank: int, w
         batch_rows, images = eval_data.open(batch_rows)  # a bad row's replacement has images too
         loss_sums, token_counts = target_losses(model, make_batch(processor, batch_rows, images))
         chats = [trm_messages(r["question"], r["response"], len(i)) for r, i in zip(batch_rows, images)]
-        texts, _ = hf_generate(model, processor, chats, images, Sampling(max_new_tokens=args.eval_max_new_tokens))
+        texts, _ = hf_generate(model, processor, chats, images, Sampling(max_new_tokens=args.eval_max_new_tokens),
+                               enable_thinking=JUDGE_THINKING)
         for row, weight, loss, tokens, text in zip(batch_rows, weights, loss_sums.tolist(), token_counts.tolist(), texts):
             score = parse_score(text)
             totals["loss"] += weight * loss

@@ -26,10 +26,10 @@ from sophiavl.utils.memory_plan import print_stage_plan
 from sophiavl.utils.metrics_log import MetricsLogger
 from sophiavl.utils.distributed import init_distributed, mean_across_ranks, min_across_ranks, shutdown, sum_across_ranks
 from sophiavl.utils.generation import Sampling, prompt_seed, stop_token_ids
-from sophiavl.utils.model import apply_training_flags, load_model, load_processor, resolve_dtype
+from sophiavl.utils.model import apply_training_flags, chat_texts, load_model, load_processor, resolve_dtype
 from sophiavl.utils.outputs import prepare_output_dir, write_run_info
 from sophiavl.utils.prompt_length import keep_within
-from sophiavl.utils.prompts import format_question, policy_messages
+from sophiavl.utils.prompts import POLICY_THINKING, format_question, policy_messages
 from sophiavl.utils.trm_client import TRMClient
 from sophiavl.utils.vision import resize_images
 from sophiavl.utils.zero3 import load_checkpoint, save_checkpoint, save_hf_model
@@ -297,8 +297,7 @@ def main(argv=None):
         if trm:
             questions = [format_question(r["prompt"], r["problem_type"], r["options"]) for r in rows]
             if args.reference_parity:  # the reference sends the decoded chat prompt as the question
-                questions = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                             for c in chats]
+                questions = chat_texts(processor, chats, enable_thinking=POLICY_THINKING)
             thinking, trm_stats = thinking_rewards(trm, questions, completions.texts, images, outcome, n,
                                                    reference_parity=args.reference_parity)
             abort_if_trm_down(trm_window, trm_stats.calls, trm_stats.failures, args)

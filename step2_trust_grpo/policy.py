@@ -4,14 +4,16 @@ import itertools
 import torch
 
 from sophiavl.utils.model import chat_inputs, encode_images_first
+from sophiavl.utils.prompts import POLICY_THINKING
 
 from .loss import entropy_from_logits, selective_log_softmax
 
 
 def completion_batch(processor, chats: list, images: list, completion_ids: list[list[int]]) -> dict:
     """Model inputs for prompts (left-padded by the processor) followed by their completions
-    (right-padded), plus `completion_mask` marking the completion tokens that carry loss."""
-    prompt = chat_inputs(processor, chats, images)
+    (right-padded), plus `completion_mask` marking the completion tokens that carry loss. The prompt is the
+    rollout's, the template's prefilled "<think>" included (the completion follows it)."""
+    prompt = chat_inputs(processor, chats, images, enable_thinking=POLICY_THINKING)
     pad = processor.tokenizer.pad_token_id
     width = max(len(ids) for ids in completion_ids)
     completion = torch.full((len(completion_ids), width), pad, dtype=torch.long)

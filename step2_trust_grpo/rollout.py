@@ -13,13 +13,16 @@ from dataclasses import dataclass
 import torch
 
 from sophiavl.utils.cli import InputError
-from sophiavl.utils.generation import Sampling, build_vllm, hf_generate, vllm_generate, vllm_sampling_params
+from sophiavl.utils.generation import (Sampling, build_vllm, hf_generate, vllm_generate, vllm_sampling_params,
+                                       vllm_texts)
+from sophiavl.utils.prompts import POLICY_THINKING
 from sophiavl.utils.zero3 import gathered_weights
 
 
 @dataclass
 class Completions:
-    texts: list[str]  # len = num_prompts * N, the N samples of a prompt consecutive
+    texts: list[str]  # len = num_prompts * N, the N samples of a prompt consecutive; each the template's prefill
+    # (utils.model.template_prefill) and then the completion: the response that the rewards and logs see
     token_ids: list[list[int]]
     rollout_logps: list[list[float]] | None = None  # per-token log-probs reported by vLLM
 
@@ -47,7 +50,7 @@ class HFRollout:
         """`seeds` is unused: transformers samples from torch's global RNG, which the trainer seeds per step."""
         sampling = dataclasses.replace(self.sampling, temperature=0.0) if greedy else self.sampling
         texts, token_ids = hf_generate(self.model, self.processor, chats, images, sampling,
-                                       num_return_sequences=num_generations)
+                                       num_return_sequences=num_generations, enable_thinking=POLICY_THINKING)
         return Completions(texts, token_ids)
 
 
@@ -119,8 +122,9 @@ class VLLMRollout:
         sampling = dataclasses.replace(self.sampling, temperature=0.0) if greedy else self.sampling
         params = [vllm_sampling_params(self.processor, sampling, n=num_generations, seed=seed, logprobs=0)
                   for seed in seeds]
-        outputs = vllm_generate(self.llm, self.processor, chats, images, params)
+        outputs = vllm_generate(self.llm, self.processor, chats, images, params, enable_thinking=POLICY_THINKING)
         samples = [sample for output in outputs for sample in output.outputs][mine]
+        texts = [text for output_texts in vllm_texts(self.processor, outputs) for text in output_texts][mine]
         logps = [[next(iter(step.values())).logprob for step in s.logprobs] if s.logprobs else None for s in samples]
-        return Completions([s.text for s in samples], [list(s.token_ids) for s in samples],
+        return Completions(texts, [list(s.token_ids) for s in samples],
                            logps if all(lp is not None for lp in logps) else None)

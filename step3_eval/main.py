@@ -120,13 +120,14 @@ def build_generator(args, rank: int, max_images: int):
     says, from images resized once by the processor's rule (utils.vision), so they agree token for token."""
     from sophiavl.utils.generation import Sampling
     from sophiavl.utils.model import load_processor, resolve_dtype
+    from sophiavl.utils.prompts import POLICY_THINKING
     from sophiavl.utils.vision import resize_images
 
     processor = load_processor(args.model_path, args.min_pixels, args.max_pixels)
     dtype = resolve_dtype(args.dtype)
     greedy = Sampling(max_new_tokens=args.max_new_tokens)
     if args.backend == "vllm":
-        from sophiavl.utils.generation import build_vllm, vllm_generate, vllm_sampling_params
+        from sophiavl.utils.generation import build_vllm, vllm_generate, vllm_sampling_params, vllm_texts
 
         llm = build_vllm(
             args.model_path, processor, dtype=str(dtype).removeprefix("torch."), max_model_len=args.max_model_len,
@@ -134,8 +135,9 @@ def build_generator(args, rank: int, max_images: int):
             colocated=torch.distributed.is_initialized(),
         )
         params = vllm_sampling_params(processor, greedy)
-        return lambda chats, images: [out.outputs[0].text for out in vllm_generate(
-            llm, processor, chats, [resize_images(i, processor) for i in images], params)]
+        return lambda chats, images: [texts[0] for texts in vllm_texts(processor, vllm_generate(
+            llm, processor, chats, [resize_images(i, processor) for i in images], params,
+            enable_thinking=POLICY_THINKING))]
 
     from sophiavl.utils.generation import hf_generate
     from sophiavl.utils.model import load_model
@@ -144,7 +146,7 @@ def build_generator(args, rank: int, max_images: int):
     if torch.cuda.is_available():
         model.to(f"cuda:{torch.cuda.current_device()}")
     return lambda chats, images: hf_generate(model, processor, chats, [resize_images(i, processor) for i in images],
-                                             greedy)[0]
+                                             greedy, enable_thinking=POLICY_THINKING)[0]
 
 
 def eval_chat(row: dict, num_images: int, args) -> list:

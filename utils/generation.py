@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from sophiavl.utils.cli import InputError
-from sophiavl.utils.model import chat_inputs
+from sophiavl.utils.model import chat_inputs, chat_texts, decode_completions, template_prefill
+from sophiavl.utils.prompts import POLICY_THINKING
 from sophiavl.utils.model_family import family_of, vllm_cpu_refusal
 from sophiavl.utils.vision import pixel_limits
 
@@ -70,19 +71,22 @@ def hf_generation_config(model, processor, sampling: Sampling, **extra):
 
 @torch.no_grad()
 def hf_generate(model, processor, batch_messages: list, batch_images: list, sampling: Sampling, *,
-                num_return_sequences: int = 1, return_logps: bool = False):
+                num_return_sequences: int = 1, return_logps: bool = False, enable_thinking: bool = POLICY_THINKING):
     """Generate from a plain (not ZeRO-partitioned) model. Returns texts and token ids of the completions,
     `num_return_sequences` consecutive ones per chat (and with `return_logps` the per-token log-probs of the
     distribution each token was drawn from, after temperature / top-k / top-p). The ids end with the stop token
-    when the model emitted one (it is part of what the policy chose); padding is removed."""
-    inputs = chat_inputs(processor, batch_messages, batch_images).to(model.device)
+    when the model emitted one (it is part of what the policy chose); padding is removed. Each text starts with what
+    the chat template prefilled of the answer (utils.model.template_prefill), which the ids do not hold."""
+    prompts = chat_texts(processor, batch_messages, enable_thinking=enable_thinking)
+    inputs = chat_inputs(processor, batch_messages, batch_images, enable_thinking=enable_thinking).to(model.device)
     config = hf_generation_config(model, processor, sampling, num_return_sequences=num_return_sequences,
                                   return_dict_in_generate=True, output_scores=return_logps)
     output = model.generate(**inputs, generation_config=config)
     completion_ids = output.sequences[:, inputs["input_ids"].shape[1]:].tolist()
     stops = set(stop_token_ids(model))
     token_ids = [_until_stop(ids, stops, processor.tokenizer.pad_token_id) for ids in completion_ids]
-    texts = processor.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+    prefills = [template_prefill(prompt) for prompt in prompts for _ in range(num_return_sequences)]
+    texts = [prefill + text for prefill, text in zip(prefills, decode_completions(processor.tokenizer, token_ids))]
     if not return_logps:
         return texts, token_ids
     scores = torch.stack(output.scores, dim=1).float().log_softmax(dim=-1)  # [B, T, V], processed scores
@@ -173,14 +177,23 @@ def prompt_seed(seed: int, step: int, prompt_index: int) -> int:
     return int.from_bytes(digest, "little") % 2**31
 
 
-def vllm_generate(llm, processor, batch_messages: list, batch_images: list, sampling_params) -> list:
+def vllm_generate(llm, processor, batch_messages: list, batch_images: list, sampling_params, *,
+                  enable_thinking: bool = POLICY_THINKING) -> list:
     """Generate with vLLM from the same chat-template text the HF path tokenizes. `sampling_params`: one for the
-    batch or one per chat. Returns vLLM's RequestOutputs, one per chat (each with its n completions)."""
+    batch or one per chat. Returns vLLM's RequestOutputs, one per chat (each with its n completions); their texts
+    as hf_generate's are vllm_texts(processor, outputs)."""
     requests = []
-    for messages, images in zip(batch_messages, batch_images):
-        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    for prompt, images in zip(chat_texts(processor, batch_messages, enable_thinking=enable_thinking), batch_images):
         request = {"prompt": prompt}
         if images:
             request["multi_modal_data"] = {"image": images}
         requests.append(request)
     return llm.generate(requests, sampling_params, use_tqdm=False)
+
+
+def vllm_texts(processor, outputs) -> list[list[str]]:
+    """The texts of each RequestOutput's completions as hf_generate writes them: the template's prefill, then the
+    completion decoded from its ids with the think tags kept (vLLM's own text skips them where they are special)."""
+    return [[template_prefill(output.prompt) + text
+             for text in decode_completions(processor.tokenizer, [list(s.token_ids) for s in output.outputs])]
+            for output in outputs]

@@ -7,6 +7,7 @@ import torch
 
 from sophiavl.utils.cli import InputError
 from sophiavl.utils.model_family import family_of
+from sophiavl.utils.prompts import POLICY_THINKING
 
 
 def default_dtype() -> torch.dtype:
@@ -84,15 +85,52 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "auto",
     return model
 
 
-def chat_inputs(processor, batch_messages: list, batch_images: list, add_generation_prompt: bool = True):
+ASSISTANT_HEADER = "<|im_start|>assistant\n"  # every supported family's template opens the answer so
+THINK_TAGS = ("<think>", "</think>")
+
+
+def chat_texts(processor, batch_messages: list, *, enable_thinking: bool, add_generation_prompt: bool = True) -> list:
+    """Each chat through the processor's chat template, as text."""
+    return [processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                          enable_thinking=enable_thinking) for messages in batch_messages]
+
+
+def chat_inputs(processor, batch_messages: list, batch_images: list, add_generation_prompt: bool = True, *,
+                enable_thinking: bool = POLICY_THINKING):
     """Tokenize a batch of chats (each with its own list of PIL images) into padded model inputs,
     including `mm_token_type_ids`, which mRoPE needs to place the image tokens."""
-    texts = [
-        processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        for messages in batch_messages
-    ]
+    texts = chat_texts(processor, batch_messages, enable_thinking=enable_thinking,
+                       add_generation_prompt=add_generation_prompt)
     images = [image for row_images in batch_images for image in row_images]
     return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+
+
+def template_prefill(prompt_text: str) -> str:
+    """What a rendered generation prompt already wrote of the answer: the text after its last assistant header.
+    "<think>\n" from Qwen3.5's thinking template, "<think>\n\n</think>\n\n" with its thinking off, "" from the
+    Qwen2/2.5/3-VL-Instruct templates. The response that rewards, the judge and the logs see is this prefill and
+    then the completion (the model never generates the prefill, so a format check on the completion alone fails)."""
+    at = prompt_text.rfind(ASSISTANT_HEADER)
+    return prompt_text[at + len(ASSISTANT_HEADER):] if at != -1 else ""
+
+
+def decode_completions(tokenizer, token_ids: list) -> list[str]:
+    """batch_decode(skip_special_tokens=True), except that <think> and </think> stay where the tokenizer counts them
+    special (Qwen3.5's vocabulary does): skipping them would make every response fail the format check."""
+    kept = {tokenizer.convert_tokens_to_ids(tag): tag for tag in THINK_TAGS if tag in tokenizer.all_special_tokens}
+    if not kept:
+        return tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+    texts = []
+    for ids in token_ids:
+        pieces, run = [], []
+        for token in ids:
+            if token in kept:
+                pieces += [tokenizer.decode(run, skip_special_tokens=True), kept[token]]
+                run = []
+            else:
+                run.append(token)
+        texts.append("".join(pieces) + tokenizer.decode(run, skip_special_tokens=True))
+    return texts
 
 
 def encode_images_first(module, inputs: dict) -> torch.Tensor:

@@ -27,21 +27,23 @@ def image_sizes(row: dict) -> list[tuple[int, int]]:
     return sizes
 
 
-def prompt_lengths(processor, rows: list, chat_of, at_most: int | None = None, batch_size: int = 512) -> list[int]:
+def prompt_lengths(processor, rows: list, chat_of, at_most: int | None = None, batch_size: int = 512, *,
+                   enable_thinking: bool = True) -> list[int]:
     """Tokens of each row's prompt: `chat_of(row)` through the chat template (with the generation prompt), each
     image expanded to its token count. An image no grid fits (aspect ratio over 200) is an InputError.
 
     With `at_most`, a prompt that provably fits gets an upper bound instead (its characters: tokenizing is most of
     the cost, and with Qwen's byte-level BPE an ASCII text has at most one token per character); every length over
-    `at_most` is exact."""
+    `at_most` is exact. `enable_thinking`: the template's thinking switch as the stage sets it (utils.model:
+    POLICY_THINKING, the default here, or JUDGE_THINKING)."""
     tokenizer = processor.tokenizer
     bounded = at_most is not None and _at_most_one_token_per_ascii_char(tokenizer)
     tokens_of_size = {}  # images of one dataset often share a size
     lengths = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        texts = [processor.apply_chat_template(chat_of(row), tokenize=False, add_generation_prompt=True)
-                 for row in batch]
+        texts = [processor.apply_chat_template(chat_of(row), tokenize=False, add_generation_prompt=True,
+                                               enable_thinking=enable_thinking) for row in batch]
         image_tokens = []  # what the images add beyond their one <|image_pad|> each
         for row, text in zip(batch, texts):
             sizes = image_sizes(row)
@@ -77,15 +79,17 @@ def _at_most_one_token_per_ascii_char(tokenizer) -> bool:
         b'"add_prefix_space":true' not in pre_tokenizer
 
 
-def sharded_prompt_lengths(processor, rows: list, chat_of, at_most: int | None = None) -> list[int]:
+def sharded_prompt_lengths(processor, rows: list, chat_of, at_most: int | None = None, *,
+                           enable_thinking: bool = True) -> list[int]:
     """prompt_lengths with each rank measuring 1/world of the rows, gathered (ranks of a node share its cores)."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return prompt_lengths(processor, rows, chat_of, at_most)
+        return prompt_lengths(processor, rows, chat_of, at_most, enable_thinking=enable_thinking)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     shards = [None] * world_size
-    dist.all_gather_object(shards, prompt_lengths(processor, rows[rank::world_size], chat_of, at_most))
+    dist.all_gather_object(shards, prompt_lengths(processor, rows[rank::world_size], chat_of, at_most,
+                                                  enable_thinking=enable_thinking))
     lengths = [0] * len(rows)
     for shard_rank, shard in enumerate(shards):
         lengths[shard_rank::world_size] = shard

@@ -12,6 +12,12 @@ from sophiavl.utils.cli import InputError
 
 PROBLEM_TYPES = ("numerical", "multiple choice", "OCR", "free-form", "text")
 
+# The chat template's thinking switch (Qwen3.5's enable_thinking), set by every stage, never left to a template's
+# default: the policy reasons inside <think> before it answers (the format R^o checks); the judge must give its
+# score within a few tokens. Templates without the switch ignore the variable.
+POLICY_THINKING = True
+JUDGE_THINKING = False
+
 # The missing period after "thought expressions" is the reference's; the released checkpoints saw it.
 QUESTION_TEMPLATE = (
     "{Question}\n"

@@ -15,7 +15,7 @@ import openai
 from tqdm import tqdm
 
 from sophiavl.utils.cli import InputError
-from sophiavl.utils.prompts import image_to_data_url, trm_messages
+from sophiavl.utils.prompts import JUDGE_THINKING, image_to_data_url, trm_messages
 from sophiavl.utils.outcome_reward import parse_score
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,9 @@ MAX_ERROR_CHARS = 300
 # which penalises the score digits for appearing in the judge's own prompt). The serve launchers also pass
 # --generation-config vllm. Other OpenAI-compatible APIs may reject these fields: vllm_sampling=False.
 VLLM_NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+# vLLM's server renders the judge's chat template with these: a thinking template (Qwen3.5's) would otherwise open
+# the answer with <think> and spend max_tokens there, with no score at the end. Templates without it ignore it.
+VLLM_JUDGE_TEMPLATE = {"chat_template_kwargs": {"enable_thinking": JUDGE_THINKING}}
 
 
 @dataclass
@@ -201,7 +204,7 @@ class TRMClient:
         request = self._client.chat.completions.create(
             model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=self.temperature,
             top_p=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-            extra_body=VLLM_NEUTRAL_SAMPLING if self.vllm_sampling else None)
+            extra_body={**VLLM_NEUTRAL_SAMPLING, **VLLM_JUDGE_TEMPLATE} if self.vllm_sampling else None)
         try:
             # wait_for is a hard wall-clock bound; httpx's timeouts are per read, so a server
             # trickling bytes could otherwise hold a request forever.
