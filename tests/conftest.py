@@ -27,6 +27,29 @@ def short_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def failing_judge_run(tiny_assets, tmp_path_factory):
+    """3 steps of 2-rank full Trust-GRPO (hf engine) through a live HTTP judge whose first 4 answers are 401 and next
+    4 are 503 (all of step 1's 16 requests are sent before any of step 2's, so 8 of them fail; no retries), then 0.7
+    for every response, with an API key (a canary) in the environment and every output switched on. Read by the
+    judge-fault test (tests/step2/test_trm_faults.py) and the secrets test (tests/test_secrets_and_injection.py).
+    Returns {"output_dir", "result" (the finished launcher), "requests", "headers" (the judge's), "api_key"}."""
+    import uuid
+
+    from tests.fake_judge import FakeJudge, fail_first, fixed_score, status
+    from tests.helpers import run_step2
+
+    api_key = f"sk-canary-{uuid.uuid4().hex}"
+    output_dir = tmp_path_factory.mktemp("failing_judge") / "run"
+    with FakeJudge(fail_first(4, status(401), fail_first(8, status(503), fixed_score(0.7)))) as judge:
+        result = run_step2(tiny_assets, output_dir, "--rollout-engine", "hf", "--variant", "full",
+                           "--trm-url", judge.url, "--max-steps", "3", "--save-every", "1", "--sample-every", "1",
+                           "--trm-max-retries", "0", "--trm-max-failure-rate", "0.6", "--trm-failure-window", "2",
+                           env={"OPENAI_API_KEY": api_key}, timeout=360)
+    return {"output_dir": output_dir, "result": result, "requests": list(judge.requests),
+            "headers": list(judge.headers), "api_key": api_key}
+
+
+@pytest.fixture(scope="session")
 def real_shaped_model(tmp_path_factory):
     """A tiny random-init Qwen2.5-VL laid out like Qwen2.5-VL-7B-Instruct (untied lm_head): the
     release's config files and real vocabulary (demo/real_shaped_model.py). Returns its folder."""
@@ -68,3 +91,16 @@ def process_group(_single_process_group, monkeypatch):
     (a process that a later test starts must not inherit them: it would join this group's port)."""
     for name, value in _single_process_group.items():
         monkeypatch.setenv(name, value)
+
+
+# Under `pytest -n 2` (scripts/test.sh), the tests that read one expensive session fixture run in one worker, so
+# that each of these runs is made once per suite (pytest-xdist's --dist loadgroup).
+SHARED_RUNS = ("short_pipeline", "grpo_run", "failing_judge_run", "trained", "real_shaped_model", "real_shaped_judge")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        shared = [name for name in SHARED_RUNS if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))

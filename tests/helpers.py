@@ -28,10 +28,10 @@ def closed_port() -> int:
     return free_port()
 
 
-def run_script(command, timeout=600, cwd=REPO):
-    """A command (from the repository root by default), single-threaded; returns the finished process, output
-    captured."""
-    return subprocess.run(command, cwd=cwd, env={**os.environ, **ENV}, capture_output=True, text=True,
+def run_script(command, timeout=600, cwd=REPO, env=None):
+    """A command (from the repository root by default), single-threaded, with `env` added to the environment;
+    returns the finished process, output captured."""
+    return subprocess.run(command, cwd=cwd, env={**os.environ, **ENV, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -51,9 +51,9 @@ def step2_command(tiny_assets, output_dir, *flags, script="step2_trust_grpo/main
     return cmd + list(flags)
 
 
-def run_step2(tiny_assets, output_dir, *flags, script="step2_trust_grpo/main.py", timeout=400):
+def run_step2(tiny_assets, output_dir, *flags, script="step2_trust_grpo/main.py", timeout=400, env=None):
     """Launch 2 ranks with the deepspeed launcher; returns the finished process."""
-    return run_script(step2_command(tiny_assets, output_dir, *flags, script=script), timeout=timeout)
+    return run_script(step2_command(tiny_assets, output_dir, *flags, script=script), timeout=timeout, env=env)
 
 
 def start_step2(tiny_assets, output_dir, log_path, *flags, env=None):

@@ -19,36 +19,11 @@ def uninterrupted(grpo_run):
     return [without_timings(row) for row in metrics(grpo_run)]
 
 
-def test_kill_9_of_one_rank_stops_the_run_and_resume_repeats_the_next_steps_exactly(tiny_assets, tmp_path,
-                                                                                    uninterrupted):
-    output_dir = tmp_path / "run"
-    launcher = start_step2(tiny_assets, output_dir, tmp_path / "crash.log", *FLAGS, "--max-steps", "4")
-    try:
-        wait_for(lambda: latest_tag(output_dir) == "step2", launcher, "checkpoint step2")
-        ranks = training_ranks(launcher, "step2_trust_grpo/main.py")
-        assert sorted(ranks) == [0, 1], ranks
-        ranks[1].send_signal(signal.SIGKILL)
-        elapsed = assert_everything_died_quickly(launcher, ranks)
-    finally:
-        kill_group(launcher)
-    print(f"launcher and rank 0 gone {elapsed:.1f} s after the kill of rank 1")
-
-    resume_step = int(latest_tag(output_dir)[4:])
-    assert resume_step in (2, 3), resume_step  # the kill lands in step 3 (at worst just after its save)
-    logged_before = metrics(output_dir)[:resume_step]
-    assert not os.path.exists(output_dir / "final")
-
-    check_ok(run_step2(tiny_assets, output_dir, *FLAGS, "--max-steps", "4", "--resume"))
-    rows = metrics(output_dir)
-    assert [row["step"] for row in rows] == [1, 2, 3, 4]
-    # steps up to the checkpoint are the crashed run's own rows, timings included: they were not redone
-    assert rows[:resume_step] == logged_before
-    assert [without_timings(row) for row in rows] == uninterrupted
-    assert latest_tag(output_dir) == "step4" and os.path.isdir(output_dir / "final")
-
-
-def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_to_resume_from(tiny_assets, tmp_path,
-                                                                                      uninterrupted):
+def test_a_kill_in_a_checkpoint_save_then_a_kill_9_mid_step_and_each_resume_repeats_the_next_steps_exactly(
+        tiny_assets, tmp_path, uninterrupted):
+    """Two crashes of one run, each followed by a resume: rank 0 killed while it saves step 2 (the previous
+    checkpoint must stay the one to resume from), then, in the resumed run, rank 1 killed with `kill -9` mid-step.
+    After the second resume the run's metrics are the uninterrupted run's."""
     output_dir = tmp_path / "run"
     log = tmp_path / "crash.log"
     launcher = start_step2(tiny_assets, output_dir, log, *FLAGS, "--max-steps", "4",
@@ -70,14 +45,31 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_to_resum
         path = step2_dir / name
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert latest_tag(output_dir) == "step1"
-    logged_before = metrics(output_dir)[:1]
+    logged_before_first = metrics(output_dir)[:1]
+
+    launcher = start_step2(tiny_assets, output_dir, tmp_path / "resume.log", *FLAGS, "--max-steps", "4", "--resume")
+    try:
+        wait_for(lambda: latest_tag(output_dir) == "step2", launcher, "checkpoint step2")
+        ranks = training_ranks(launcher, "step2_trust_grpo/main.py")
+        assert sorted(ranks) == [0, 1], ranks
+        ranks[1].send_signal(signal.SIGKILL)
+        elapsed = assert_everything_died_quickly(launcher, ranks)
+    finally:
+        kill_group(launcher)
+    print(f"launcher and rank 0 gone {elapsed:.1f} s after the kill of rank 1")
+    resume_step = int(latest_tag(output_dir)[4:])
+    assert resume_step in (2, 3), resume_step  # the kill lands in step 3 (at worst just after its save)
+    logged_before_second = metrics(output_dir)[:resume_step]
+    assert logged_before_second[:1] == logged_before_first  # the first resume started from step 1's checkpoint
+    assert not os.path.exists(output_dir / "final")
 
     check_ok(run_step2(tiny_assets, output_dir, *FLAGS, "--max-steps", "4", "--resume"))
     rows = metrics(output_dir)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
-    assert rows[:1] == logged_before  # resumed from step 1's checkpoint, not from scratch
+    # steps up to the checkpoint are the crashed run's own rows, timings included: they were not redone
+    assert rows[:resume_step] == logged_before_second
     assert [without_timings(row) for row in rows] == uninterrupted
-    assert latest_tag(output_dir) == "step4"
+    assert latest_tag(output_dir) == "step4" and os.path.isdir(output_dir / "final")
     assert sorted(os.listdir(output_dir / "checkpoints")) == ["latest", "step3", "step4", "zero_to_fp32.py",
                                                               "zero_to_torch.py"]
 

@@ -2,6 +2,7 @@
 completes, refills zero-spread groups round by round and resumes exactly; DeepSpeed's gradient under the
 step-global token aggregation is the global token mean's."""
 import json
+import math
 import os
 import shutil
 import zlib
@@ -34,21 +35,50 @@ def completion_log(output_dir, rank):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.vllm
-def test_dynamic_sampling_tis_and_global_token_mean_run_refill_and_resume_exactly(tiny_assets, tmp_path):
+@pytest.fixture(scope="module")
+def dapo_runs(tiny_assets, tmp_path_factory):
+    """Run a: 2 uninterrupted steps of FLAGS through a live judge; run b: a's folder as it stood after step 1 (its
+    checkpoint was written before step 2 began), resumed. Returns (a, b, the judge's calls in a, in b)."""
     pytest.importorskip("vllm")
+    tmp_path = tmp_path_factory.mktemp("dapo")
     a, b = tmp_path / "a", tmp_path / "b"
     with FakeJudge(judge) as trm:
         check_ok(run_step2(tiny_assets, a, *FLAGS, "--trm-url", trm.url, timeout=600))
         calls_uninterrupted = len(trm.requests)
-        # b: the uninterrupted run as it stood after step 1 (its checkpoint was written before step 2 began)
         shutil.copytree(a, b)
         shutil.rmtree(b / "checkpoints" / "step2")
         shutil.rmtree(b / "final")
         (b / "checkpoints" / "latest").write_text("step1")
         check_ok(run_step2(tiny_assets, b, *FLAGS, "--trm-url", trm.url, "--resume", timeout=600))
-        calls_resumed = len(trm.requests) - calls_uninterrupted
+    return a, b, calls_uninterrupted, len(trm.requests) - calls_uninterrupted
 
+
+@pytest.mark.vllm
+def test_vllm_engine_with_live_trm_applies_the_thinking_reward(dapo_runs):
+    """Every logged response's reward is R^o + alpha * exp(-step / T) * gamma * R^t with the judge's own score as
+    R^t and the group's trust weight as gamma (alpha 0.3, T = --max-steps 2 by default), and every response of
+    every round was judged."""
+    a, _, calls, _ = dapo_runs
+    judged = 0
+    for rank in (0, 1):
+        for group in completion_log(a, rank):
+            correct = [t for o, t in zip(group["outcome"], group["thinking"]) if o >= 0.5]
+            wrong = [t for o, t in zip(group["outcome"], group["thinking"]) if o < 0.5]
+            gamma = 1.0 if not correct or not wrong or sum(correct) / len(correct) >= sum(wrong) / len(wrong) \
+                else math.exp(sum(correct) / len(correct) - sum(wrong) / len(wrong))
+            assert group["gamma"] == pytest.approx(gamma)
+            for outcome, thinking, reward in zip(group["outcome"], group["thinking"], group["reward"]):
+                assert thinking in [k / 10 for k in range(11)]  # a score the judge gave, parsed from its reply
+                expected = outcome + 0.3 * math.exp(-group["step"] / 2) * group["gamma"] * thinking
+                assert reward == pytest.approx(expected, abs=1e-6)
+                judged += thinking > 0
+    assert judged > 0  # the judge's scores reached the rewards
+    assert calls == sum(row["trm/calls"] for row in metrics(a))
+
+
+@pytest.mark.vllm
+def test_dynamic_sampling_tis_and_global_token_mean_run_refill_and_resume_exactly(dapo_runs):
+    a, b, calls_uninterrupted, calls_resumed = dapo_runs
     rows = metrics(a)
     assert [without_timings(r) for r in metrics(b)] == [without_timings(r) for r in rows]
     for rank in (0, 1):
