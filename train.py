@@ -106,23 +106,32 @@ def tiny(pipeline: Pipeline) -> dict:
     return write_report(pipeline.out, pipeline.seconds)
 
 
+def gpu_commands(args, out) -> dict:
+    """The GPU launchers of steps 1 and 2 for a deployment, by stage, outputs under out(stage); step 2's command
+    still needs the TRM URL and the image cap. Run by gpus(), planned by print_plans()."""
+    commands = {}
+    if 1 in args.steps and not args.trm_path:
+        commands["step1"] = ["bash", "step1_reward_model/training_scripts/train_qwen2_5_vl_3b.sh", out("step1"),
+                             args.trm_data, args.trm_base_model]
+    if 2 in args.steps:
+        launcher = (["step2_trust_grpo/training_scripts/run_multinode.sh", out("step2"), args.hostfile]
+                    if args.deployment_type == "multi_node" else
+                    ["step2_trust_grpo/training_scripts/run_qwen2_5_vl_7b.sh", out("step2")])
+        commands["step2"] = ["bash", *launcher, args.actor_model, args.registry, args.data_path]
+    return commands
+
+
 def gpus(pipeline: Pipeline) -> None:
     """Real scale: the GPU launchers of each stage, one after another."""
     a, out = pipeline.args, pipeline.path
     trm_dir = a.trm_path or out("step1", "final")
-    step2_launcher = "step2_trust_grpo/training_scripts/run_qwen2_5_vl_7b.sh"
-    if 1 in a.steps and not a.trm_path:
-        pipeline.run("step1", ["bash", "step1_reward_model/training_scripts/train_qwen2_5_vl_3b.sh", out("step1"),
-                               a.trm_data, a.trm_base_model], done_when=out("step1", "final", "config.json"))
-    if 2 in a.steps:
-        if a.deployment_type == "multi_node":
-            command = ["bash", "step2_trust_grpo/training_scripts/run_multinode.sh", out("step2"), a.hostfile,
-                       a.actor_model, a.registry, a.data_path]
-        else:
-            command = ["bash", step2_launcher, out("step2"), a.actor_model, a.registry, a.data_path]
+    commands = gpu_commands(a, out)
+    if "step1" in commands:
+        pipeline.run("step1", commands["step1"], done_when=out("step1", "final", "config.json"))
+    if "step2" in commands:
         max_images = max_images_per_prompt(a.data_path, a.registry)
         with_trm_server(pipeline, trm_dir, max_images, lambda url: pipeline.run(
-            "step2", command + [url, "--trm-max-images", str(max_images)],
+            "step2", commands["step2"] + [url, "--trm-max-images", str(max_images)],
             done_when=out("step2", "final", "config.json")))
     if 3 in a.steps:
         for stage, model in (("step3_before", a.actor_model), ("step3_after", out("step2", "final"))):
@@ -139,17 +148,10 @@ def print_plans(args) -> int:
     env = {**os.environ, "PLAN_ONLY": "1", "PYTHON": PYTHON,
            **({"NUM_GPUS": "1"} if args.deployment_type == "single_gpu" else {})}
     with tempfile.TemporaryDirectory() as tmp:
-        commands = []
-        if 1 in args.steps and not args.trm_path:
-            commands.append(["bash", "step1_reward_model/training_scripts/train_qwen2_5_vl_3b.sh",
-                             os.path.join(tmp, "step1"), args.trm_data, args.trm_base_model])
-        if 2 in args.steps:
-            launcher = (["step2_trust_grpo/training_scripts/run_multinode.sh", os.path.join(tmp, "step2"),
-                         args.hostfile] if args.deployment_type == "multi_node" else
-                        ["step2_trust_grpo/training_scripts/run_qwen2_5_vl_7b.sh", os.path.join(tmp, "step2")])
-            commands.append(["bash", *launcher, args.actor_model, args.registry, args.data_path,
-                             "http://trm.invalid/v1"])  # the plan never calls the TRM
-        return max([subprocess.call(command, cwd=REPO, env=env) for command in commands], default=0)
+        commands = gpu_commands(args, lambda stage: os.path.join(tmp, stage))
+        if "step2" in commands:
+            commands["step2"].append("http://trm.invalid/v1")  # the plan never calls the TRM
+        return max([subprocess.call(command, cwd=REPO, env=env) for command in commands.values()], default=0)
 
 
 def main(argv=None) -> int:

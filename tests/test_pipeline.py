@@ -78,3 +78,20 @@ def test_steps_without_step_1_need_a_trm(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--output-dir", str(tmp_path), "--steps", "2", "3"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--trm-path" in result.stderr
+
+
+def test_gpu_deployments_run_and_plan_the_same_launcher_commands():
+    import train
+
+    args = train.parse_args(["--deployment-type", "multi_node", "--hostfile", "hosts", "--actor-model", "A",
+                             "--trm-base-model", "B", "--registry", "r.json", "--data-path", "d", "--eval-data-path", "e",
+                             "--trm-data", "labels.jsonl", "--output-dir", "out"])
+    labels, hosts, registry = (os.path.abspath(name) for name in ("labels.jsonl", "hosts", "r.json"))  # made absolute
+    commands = train.gpu_commands(args, lambda stage: f"OUT/{stage}")
+    assert commands == {
+        "step1": ["bash", "step1_reward_model/training_scripts/train_qwen2_5_vl_3b.sh", "OUT/step1", labels, "B"],
+        "step2": ["bash", "step2_trust_grpo/training_scripts/run_multinode.sh", "OUT/step2", hosts, "A", registry,
+                  "d"]}
+    args.deployment_type, args.trm_path, args.steps = "single_node", "trm", [1, 2]  # an existing TRM: no step 1
+    assert train.gpu_commands(args, lambda stage: stage) == {
+        "step2": ["bash", "step2_trust_grpo/training_scripts/run_qwen2_5_vl_7b.sh", "step2", "A", registry, "d"]}
