@@ -90,9 +90,11 @@ THINK_TAGS = ("<think>", "</think>")
 
 
 def chat_texts(processor, batch_messages: list, *, enable_thinking: bool, add_generation_prompt: bool = True) -> list:
-    """Each chat through the processor's chat template, as text."""
+    """Each chat through the processor's chat template, as text. The switch goes only to a template that reads it
+    (transformers logs a warning per call for a variable the template lacks)."""
+    switch = {"enable_thinking": enable_thinking} if "enable_thinking" in str(processor.chat_template) else {}
     return [processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                          enable_thinking=enable_thinking) for messages in batch_messages]
+                                          **switch) for messages in batch_messages]
 
 
 def chat_inputs(processor, batch_messages: list, batch_images: list, add_generation_prompt: bool = True, *,

@@ -9,6 +9,7 @@ import logging
 from collections import Counter
 
 from sophiavl.utils.cli import InputError
+from sophiavl.utils.model import chat_texts
 from sophiavl.utils.vision import image_token_count
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,7 @@ def prompt_lengths(processor, rows: list, chat_of, at_most: int | None = None, b
     lengths = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        texts = [processor.apply_chat_template(chat_of(row), tokenize=False, add_generation_prompt=True,
-                                               enable_thinking=enable_thinking) for row in batch]
+        texts = chat_texts(processor, [chat_of(row) for row in batch], enable_thinking=enable_thinking)
         image_tokens = []  # what the images add beyond their one <|image_pad|> each
         for row, text in zip(batch, texts):
             sizes = image_sizes(row)
