@@ -7,7 +7,7 @@ from sophiavl.utils.arguments import (add_checkpoint_arguments, add_distributed_
                                       add_plan_argument, add_zero3_arguments, check_shared_args)
 from sophiavl.utils.trm_client import normalize_base_url
 
-from .loss import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+from .loss import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS, STEP_AGGREGATIONS
 
 VARIANTS = {  # the paper's Table 3, one switch each: (thinking reward, trust weight, annealing)
     "full": (True, True, True),
@@ -84,6 +84,10 @@ def parse_args(argv=None):
     add_optimizer_arguments(g, learning_rate=None, learning_rate_help="default 5e-7 (6e-7 with --reference-parity)")
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (TRL: num_iterations)")
+    g.add_argument("--max-tokens-per-micro-batch", type=int, default=0,
+                   help="0: micro-batches of --micro-batch-size completions; N: as many completions as fit N padded "
+                        "tokens (prompt and images included), longest first, so that a few long completions do not "
+                        "pad the rest; needs a step-global --loss-agg (token-mean-global or seq-mean-token-sum-norm)")
     g.add_argument("--kl-coef", type=float, default=0.04, help="beta; 0 skips the reference model")
     g.add_argument("--entropy-coef", type=float, default=1e-3)
     add_zero3_arguments(g)
@@ -180,6 +184,12 @@ def check_args(args, world_size: int) -> None:
     if args.rollout_batch_size % world_size:
         raise InputError(f"--rollout-batch-size {args.rollout_batch_size} must be divisible by the "
                          f"{world_size} ranks (each rank rolls out whole groups)")
+    if args.max_tokens_per_micro_batch < 0:
+        raise InputError(f"--max-tokens-per-micro-batch must be >= 0, got {args.max_tokens_per_micro_batch}")
+    if args.max_tokens_per_micro_batch and args.loss_agg not in STEP_AGGREGATIONS:
+        raise InputError(f"--max-tokens-per-micro-batch regroups completions by length, which changes the per-micro-"
+                         f"batch mean of --loss-agg {args.loss_agg}: use a step-global one "
+                         f"({' or '.join(STEP_AGGREGATIONS)})")
     samples_per_rank = args.rollout_batch_size // world_size * args.num_generations
     if samples_per_rank % args.micro_batch_size:
         raise InputError(f"the {samples_per_rank} completions per rank (rollout batch / ranks x N) must be "

@@ -24,7 +24,8 @@ from sophiavl.utils.data import ReadableRows, epoch_order, load_rows
 from sophiavl.utils.ds_config import zero3_inference_config, zero3_train_config
 from sophiavl.utils.memory_plan import print_stage_plan
 from sophiavl.utils.metrics_log import MetricsLogger
-from sophiavl.utils.distributed import init_distributed, mean_across_ranks, min_across_ranks, shutdown, sum_across_ranks
+from sophiavl.utils.distributed import (init_distributed, max_across_ranks, mean_across_ranks, min_across_ranks, shutdown,
+                                        sum_across_ranks)
 from sophiavl.utils.generation import Sampling, prompt_seed, stop_token_ids
 from sophiavl.utils.model import apply_training_flags, chat_texts, load_model, load_processor, resolve_dtype
 from sophiavl.utils.outputs import prepare_output_dir, write_run_info
@@ -40,6 +41,7 @@ if not __package__:  # run as a script (`deepspeed step2_trust_grpo/main.py`, or
 
 from .arguments import check_args, parse_args
 from .completion_log import CompletionLog
+from .micro_batches import fixed_count, sequence_lengths, split_to, token_budget
 from .loss import (STEP_AGGREGATIONS, group_advantages, grpo_loss, kl_penalties, rollout_is_weights, step_denominator,
                    step_units)
 
@@ -124,7 +126,15 @@ def update_policy(engine, ref_engine, processor, chats, images, completions, rew
     rollout engine reports its log-probs, their mean gap to pi_old is logged (it should be ~0)."""
     completion_ids = completions.token_ids
     n = args.num_generations
-    micro = [range(i, i + args.micro_batch_size) for i in range(0, len(completion_ids), args.micro_batch_size)]
+    if args.max_tokens_per_micro_batch:
+        lengths = sequence_lengths(processor, chat_texts(processor, chats, enable_thinking=POLICY_THINKING), images,
+                                   completion_ids, n)
+        micro = token_budget(lengths, args.max_tokens_per_micro_batch)
+        micro = split_to(micro, int(max_across_ranks(len(micro))))  # ZeRO-3: as many passes on every rank
+        # DeepSpeed scales each loss by 1 / its accumulation steps: this step's count of micro-batches
+        engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * len(micro) * engine.dp_world_size)
+    else:
+        micro = fixed_count(len(completion_ids), args.micro_batch_size)
     batches = [completion_batch(processor, [chats[j // n] for j in mb], [images[j // n] for j in mb],
                                 [completion_ids[j] for j in mb]) for mb in micro]
     with torch.no_grad():
@@ -148,7 +158,9 @@ def update_policy(engine, ref_engine, processor, chats, images, completions, rew
 
     metrics, gaps, is_stats = [], [], []
     for epoch in range(args.ppo_epochs):
-        for mb, batch, ref, old in zip(micro, batches, ref_logps, old_logps):
+        for k, (mb, batch, ref, old) in enumerate(zip(micro, batches, ref_logps, old_logps)):
+            if args.max_tokens_per_micro_batch:  # their number varies by step: the last one is the optimizer step
+                engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             logps, entropy = completion_logps(engine, batch, args.temperature, with_entropy=True,
                                               entropy_grad=args.entropy_coef > 0)
             pi_old = logps.detach() if old is None else old

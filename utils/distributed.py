@@ -60,6 +60,12 @@ def min_across_ranks(number: float) -> float:
     return value.item()
 
 
+def max_across_ranks(number: float) -> float:
+    value = torch.tensor([number], dtype=torch.float64, device=collective_device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return value.item()
+
+
 def shutdown() -> None:
     """Leave the process group cleanly: a rank that exits with it still open can abort at interpreter
     exit ("terminate called without an active exception") after all its work is done."""
