@@ -67,9 +67,10 @@ def test_a_token_budget_needs_a_step_global_loss_aggregation():
 
 
 def update_deltas(rank, tiny_assets):
-    """One update_policy step from the same weights and rollouts, fixed micro-batches of 2 and then micro-batches
-    by a token budget (rank 0's long completions make it plan more of them than rank 1): plain SGD with lr 1, so
-    each weight's change is the gradient DeepSpeed applied. Returns nothing; asserts on rank 0."""
+    """Two update_policy steps from the same weights and rollouts, with fixed micro-batches of 2, and with token
+    budgets: one micro-batch per rank in the first step, then 3 in the second (rank 0's long completions need 3, so
+    rank 1 splits one of its 2). Plain SGD with lr 1, so the second step's weight change is the gradient DeepSpeed
+    applied; it must not depend on how the step was cut, nor on the previous step's count. Asserts on rank 0."""
     import types
 
     import deepspeed
@@ -87,28 +88,31 @@ def update_deltas(rank, tiny_assets):
     completions = types.SimpleNamespace(rollout_logps=None, token_ids=[
         processor.tokenizer.encode("<think>" + "ok " * k + "</think><answer>A</answer>") for k in words])
     rewards = [1.0, 0.0, 0.3, 0.9] if rank == 0 else [0.2, 0.8, 1.0, 0.0]
-    planned = []
+    planned = {}
 
-    def deltas(*flags):
-        args = step2_args("--num-generations", "2", "--micro-batch-size", "2", "--loss-agg", "token-mean-global",
-                          "--kl-coef", "0", "--entropy-coef", "0", "--max-completion-length", "64", *flags)
+    def second_step_deltas(name, first_flags, second_flags):
+        common = ("--num-generations", "2", "--micro-batch-size", "2", "--loss-agg", "token-mean-global",
+                  "--kl-coef", "0", "--entropy-coef", "0", "--max-completion-length", "64")
         config = zero3_train_config(micro_batch_size=2, gradient_accumulation_steps=2, world_size=2, bf16=False,
                                     gradient_clipping=0.0, param_persistence_threshold=0)
         hf_ds_config = HfDeepSpeedConfig(config)
         model = load_model(tiny_assets["model"], torch.float32, hf_ds_config=hf_ds_config)
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                           config=config)
+        update_policy(engine, None, processor, chats, images, completions, rewards, step2_args(*common, *first_flags))
+        planned[name] = [engine.gradient_accumulation_steps()]
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             before = [p.detach().clone() for p in engine.module.parameters()]
-        update_policy(engine, None, processor, chats, images, completions, rewards, args)
-        planned.append(engine.gradient_accumulation_steps())
+        update_policy(engine, None, processor, chats, images, completions, rewards, step2_args(*common, *second_flags))
+        planned[name].append(engine.gradient_accumulation_steps())
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             return [b - p.detach() for b, p in zip(before, engine.module.parameters())]
 
-    fixed = deltas()
-    budgeted = deltas("--max-tokens-per-micro-batch", "200")
+    fixed = second_step_deltas("fixed", (), ())
+    budgeted = second_step_deltas("budget", ("--max-tokens-per-micro-batch", "10000"),
+                                  ("--max-tokens-per-micro-batch", "200"))
     if rank == 0:
-        assert planned == [2, 3], planned  # rank 0 needs 3 micro-batches by the budget: rank 1 splits one of its 2
+        assert planned == {"fixed": [2, 2], "budget": [1, 3]}, planned
         assert any(d.abs().max() > 1e-4 for d in fixed), "the update moved nothing: the check proves nothing"
         for a, b in zip(fixed, budgeted):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
