@@ -93,14 +93,40 @@ def process_group(_single_process_group, monkeypatch):
         monkeypatch.setenv(name, value)
 
 
-# Under `pytest -n 2` (scripts/test.sh), the tests that read one expensive session fixture run in one worker, so
-# that each of these runs is made once per suite (pytest-xdist's --dist loadgroup).
-SHARED_RUNS = ("short_pipeline", "grpo_run", "failing_judge_run", "trained", "real_shaped_model", "real_shaped_judge")
+# Under `pytest -n 2` (scripts/test.sh) the tests that read one expensive session fixture must run in one worker, or
+# each worker makes that run again. pytest-xdist's own grouping (xdist_group marks) does not work with pytest 9 (it
+# renames node ids that pytest 9 no longer lets it rename), so the files are grouped here by a scheduler of our own;
+# collection fails if a test reads a shared run from a file this table does not put in the run's group.
+SHARED_RUNS = {  # group: (its session fixtures, the test files that read them)
+    "short_pipeline": (("short_pipeline",), ("tests/test_pipeline.py", "tests/experiments/test_ablations.py")),
+    "grpo_run": (("grpo_run",), ("tests/step2/test_train.py", "tests/step2/test_crash_resume.py")),
+    "failing_judge_run": (("failing_judge_run",),
+                          ("tests/step2/test_trm_faults.py", "tests/test_secrets_and_injection.py")),
+    "trained_judge": (("trained",), ("tests/step1/test_train.py", "tests/step1/test_crash_resume.py")),
+    "real_shaped": (("real_shaped_model", "real_shaped_judge"),
+                    ("tests/demo/test_real_shaped_model.py", "tests/step1/test_serve_real_shaped.py",
+                     "tests/utils/test_engine_parity.py")),
+}
+GROUP_OF_FILE = {path: group for group, (_, paths) in SHARED_RUNS.items() for path in paths}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(items):
-    for item in items:
-        shared = [name for name in SHARED_RUNS if name in item.fixturenames]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
+def pytest_collection_modifyitems(config, items):
+    misplaced = sorted({f"{item.location[0]} reads {fixture}" for item in items
+                        for group, (fixtures, _) in SHARED_RUNS.items() for fixture in fixtures
+                        if fixture in item.fixturenames and GROUP_OF_FILE.get(item.location[0]) != group})
+    if misplaced:
+        raise pytest.UsageError("tests/conftest.py SHARED_RUNS: add these files to their run's group: "
+                                + "; ".join(misplaced))
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's, there when it is installed
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        """Each test on its own, except that a shared run's files go to one worker together."""
+
+        def _split_scope(self, nodeid):
+            return GROUP_OF_FILE.get(nodeid.split("::")[0], nodeid)
+
+    return SharedRunScheduling(config, log)
