@@ -37,3 +37,10 @@ def families(tmp_path_factory):
 def assets_of(families: dict, family: str) -> dict:
     """What tests.helpers.run_step2 reads of tiny_assets, for one family."""
     return {"model": families["models"][family], "registry": families["registry"]}
+
+
+def pixel_flags(family: str) -> list[str]:
+    """A 4x4-token image in the family's own grid (the shared tiny flags are Qwen2.5-VL's 112x112)."""
+    from sophiavl.demo.tiny_families import image_pixels
+
+    return ["--min-pixels", str(image_pixels(family)), "--max-pixels", str(image_pixels(family))]

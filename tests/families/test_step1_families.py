@@ -10,8 +10,7 @@ import os
 import pytest
 import torch
 
-from tests.families.conftest import FAMILY_NAMES
-from tests.families.test_step2_families import pixel_flags
+from tests.families.conftest import FAMILY_NAMES, pixel_flags
 from tests.helpers import free_port
 
 SFT_STEPS, BATCH = 12, 8

@@ -10,8 +10,7 @@ import sys
 import pytest
 
 from step3_eval.main import main
-from tests.families.conftest import FAMILY_NAMES
-from tests.families.test_step2_families import pixel_flags
+from tests.families.conftest import FAMILY_NAMES, pixel_flags
 from tests.helpers import REPO, run_script
 
 COMMON = ["--data-path", "tiny_test", "--max-new-tokens", "8", "--batch-size", "4", "--max-model-len", "2048"]

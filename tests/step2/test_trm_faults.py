@@ -11,8 +11,7 @@ import time
 import pytest
 
 from step2_trust_grpo.rewards import thinking_rewards
-from tests.fake_judge import (DROP, HANG, INVALID_JSON, NO_CHOICES, FakeJudge, fail_first, fixed_score, reply,
-                              request_text, status)
+from tests.fake_judge import (DROP, HANG, INVALID_JSON, NO_CHOICES, FakeJudge, reply, request_text, status)
 from tests.helpers import closed_port
 from sophiavl.utils.trm_client import TRMClient
 

@@ -3,7 +3,6 @@ completes, refills zero-spread groups round by round and resumes exactly; DeepSp
 step-global token aggregation is the global token mean's."""
 import json
 import math
-import os
 import shutil
 import zlib
 
