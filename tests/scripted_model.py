@@ -54,8 +54,10 @@ def scripted_model(base_dir: str, out_dir: str, reply: str = "<think>x</think><a
     hidden = text_model.config.hidden_size
     assert len(chain) <= hidden, "one basis vector per chain token"
     with torch.no_grad():
-        for layer in text_model.layers:
-            layer.self_attn.o_proj.weight.zero_()
+        for layer in text_model.layers:  # each position's hidden state is its own token's embedding
+            # Qwen3.5's linear-attention layers project out with linear_attn.out_proj, the others self_attn.o_proj
+            attention = layer.linear_attn.out_proj if hasattr(layer, "linear_attn") else layer.self_attn.o_proj
+            attention.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
         text_model.norm.weight.fill_(1.0)
         embeddings, lm_head = text_model.embed_tokens.weight, model.lm_head.weight

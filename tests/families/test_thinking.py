@@ -14,7 +14,7 @@ from sophiavl.utils.prompts import JUDGE_THINKING, POLICY_THINKING, policy_messa
 from sophiavl.utils.trm_client import TRMClient
 from tests.fake_judge import FakeJudge, fixed_score, request_text
 from tests.families.conftest import FAMILY_NAMES
-from tests.families.scripted import scripted_family_model
+from tests.scripted_model import scripted_model
 
 COMPLETION = "ok</think><answer>A</answer>"
 QUESTION = policy_messages("Which one? A. red B. blue", "multiple choice")
@@ -25,8 +25,8 @@ PREFILLS = {  # (policy, judge) what each template wrote of the answer
 @pytest.fixture(scope="module")
 def scripted_qwen3_5(families, tmp_path_factory):
     """Qwen3.5's tiny model that greedily writes COMPLETION after the template's prefilled "<think>\\n"."""
-    return scripted_family_model(families["models"]["qwen3_5"], str(tmp_path_factory.mktemp("scripted_qwen3_5")),
-                                 COMPLETION)
+    return scripted_model(families["models"]["qwen3_5"], str(tmp_path_factory.mktemp("scripted_qwen3_5")),
+                          COMPLETION)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
