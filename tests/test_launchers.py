@@ -33,7 +33,7 @@ def stage_flags(script: str) -> dict[str, set]:
         if line.lstrip().startswith("#"):
             continue
         match = (re.search(r"\$STAGE/(\w+\.py)", line) or re.search(r"\$REPO/(demo/\w+\.py)", line)
-                 or re.search(r"(run_\w+\.sh)\"", line))
+                 or re.search(r"((?:run|train)_\w+\.sh)\"", line))
         if match:
             name = match.group(1)
             target = (os.path.join(REPO, name) if name.startswith("demo/") else
