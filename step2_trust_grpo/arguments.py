@@ -74,6 +74,10 @@ def parse_args(argv=None):
     g.add_argument("--trm-max-failure-rate", type=float, default=0.5,
                    help="abort when more TRM requests than this fraction fail over the last --trm-failure-window steps")
     g.add_argument("--trm-failure-window", type=int, default=3)
+    g.add_argument("--trm-overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="send the step's TRM requests as soon as its completions exist and compute the reference and "
+                        "old log-probs while they run (timing/reward is then the wait that remains); "
+                        "--dynamic-sampling waits at once (it keeps groups by their rewards)")
     g.add_argument("--max-answer-chars", type=int, default=4096)
     g.add_argument("--strict-format", action="store_true",
                    help="outcome reward: only whitespace between </think> and <answer>, nothing after the last "
@@ -89,6 +93,10 @@ def parse_args(argv=None):
                         "tokens (prompt and images included), longest first, so that a few long completions do not "
                         "pad the rest; needs a step-global --loss-agg (token-mean-global or seq-mean-token-sum-norm)")
     g.add_argument("--kl-coef", type=float, default=0.04, help="beta; 0 skips the reference model")
+    g.add_argument("--offload-reference", action="store_true",
+                   help="ZeRO-3 offload of the frozen reference model's parameters to CPU memory (the policy's stay "
+                        "where --offload puts them): its GPU share moves to the host, each layer is copied in for "
+                        "the reference pass")
     g.add_argument("--entropy-coef", type=float, default=1e-3)
     add_zero3_arguments(g)
     add_plan_argument(g)
@@ -228,6 +236,8 @@ def check_variant_args(args) -> None:
     if not (0 <= args.clip_eps_low < 1 and args.clip_eps_high >= 0):
         raise InputError(f"the clip range needs 0 <= --clip-eps-low < 1 and --clip-eps-high >= 0, got "
                          f"{args.clip_eps_low} and {args.clip_eps_high}")
+    if args.offload_reference and not args.kl_coef > 0:
+        raise InputError("--offload-reference: --kl-coef 0 has no reference model to offload")
     if args.kl_in_reward and not args.kl_coef > 0:
         raise InputError("--kl-in-reward subtracts --kl-coef x KL from the rewards: give --kl-coef > 0")
     if args.rollout_is != "none" and args.rollout_engine != "vllm":

@@ -13,6 +13,7 @@ import random
 import statistics
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ def build_policy_engines(args, world_size: int, dtype: torch.dtype):
     ref_engine = None
     if args.kl_coef > 0:
         reference = load_model(args.model_path, dtype, args.attn_implementation, hf_ds_config)
-        ref_config = zero3_inference_config(world_size=world_size, bf16=bf16,
+        ref_config = zero3_inference_config(world_size=world_size, bf16=bf16, offload=args.offload_reference,
                                             param_persistence_threshold=args.zero_param_persistence_threshold)
         ref_engine = deepspeed.initialize(model=reference.eval(), config=ref_config)[0]
     return engine, ref_engine
@@ -119,8 +120,10 @@ def build_rollout(args, processor, dtype: torch.dtype, max_images: int, rank: in
         tensor_parallel_size=args.vllm_tensor_parallel_size, sleep_mode=args.vllm_sleep_mode)
 
 
-def update_policy(engine, ref_engine, processor, chats, images, completions, rewards, args) -> dict:
-    """Advantages from the final rewards, then PPO epochs over the rollout in micro-batches. With one epoch the
+def update_policy(engine, ref_engine, processor, chats, images, completions, scored_rewards, args) -> dict:
+    """Advantages from the final rewards, then PPO epochs over the rollout in micro-batches. `scored_rewards()`
+    returns the final rewards; it is called after the reference and old passes, which run while the judge's
+    requests are in flight (--trm-overlap). With one epoch the
     policy has not moved since the rollout, so pi_old is the training engine's own (detached) log-probs of the
     same pass (--kl-in-reward needs them, and the reference's, before the advantages: one pass more). When the
     rollout engine reports its log-probs, their mean gap to pi_old is logged (it should be ~0)."""
@@ -141,7 +144,7 @@ def update_policy(engine, ref_engine, processor, chats, images, completions, rew
         ref_logps = [completion_logps(ref_engine, b, args.temperature)[0] if ref_engine else None for b in batches]
         old_logps = [completion_logps(engine, b, args.temperature)[0] if args.ppo_epochs > 1 or args.kl_in_reward
                      else None for b in batches]
-    rewards, extra = torch.tensor(rewards), {}
+    rewards, extra = torch.tensor(scored_rewards()), {}
     if args.kl_in_reward:  # over every completion token: --mask-truncated masks the loss, not the reward
         penalties = torch.cat([kl_penalties(old, ref, b["completion_mask"].to(old.device), args.kl_estimator,
                                             args.kl_coef).cpu() for b, old, ref in zip(batches, old_logps, ref_logps)])
@@ -287,10 +290,12 @@ def main(argv=None):
     trm_window = deque(maxlen=args.trm_failure_window)
     n = args.num_generations
     logp_gap_warned = False
+    judge_calls = ThreadPoolExecutor(max_workers=1)  # a step's TRM requests run next to the trainer's passes
 
-    def sample_round(indices: list[int], first: int, step: int, sampling: dict) -> dict:
-        """Roll out and reward the prompts train_rows[indices] (`first`: the global index of the first, for its
-        seed): one round of step_trust_grpo.dynamic_sampling. Adds generation time and judge stats to `sampling`."""
+    def sample_round(indices: list[int], first: int, step: int, sampling: dict, wait: bool = True) -> dict:
+        """Roll out the prompts train_rows[indices] (`first`: the global index of the first, for its seed), score
+        their outcomes and send their TRM requests; with `wait`, also their final rewards (score_round): one round
+        of step_trust_grpo.dynamic_sampling. Adds generation time and judge stats to `sampling`."""
         # a row whose images fail to decode is replaced (utils.data.ReadableRows); the images as the judge gets
         # them: its server resizes by its own limits
         rows, images = train_data.open([train_rows[i] for i in indices])
@@ -303,25 +308,34 @@ def main(argv=None):
         completions = rollout.generate(chats, policy_images, n, seeds=seeds)
         sampling["generate_s"] += time.perf_counter() - t0
 
-        # ---- 2. rewards: outcome R^o, thinking R^t, trust weight gamma, annealing, overlong shaping ----
+        # ---- 2. rewards: outcome R^o now, thinking R^t asked of the TRM now and awaited in score_round ----
         outcome = outcome_rewards(completions.texts, rows, n, args.max_answer_chars, args.strict_format)
-        thinking = [0.0] * len(outcome)
+        pending = None
         if trm:
             questions = [format_question(r["prompt"], r["problem_type"], r["options"]) for r in rows]
             if args.reference_parity:  # the reference sends the decoded chat prompt as the question
                 questions = chat_texts(processor, chats, enable_thinking=POLICY_THINKING)
-            thinking, trm_stats = thinking_rewards(trm, questions, completions.texts, images, outcome, n,
-                                                   reference_parity=args.reference_parity)
+            pending = judge_calls.submit(thinking_rewards, trm, questions, completions.texts, images, outcome, n,
+                                         reference_parity=args.reference_parity)
+        batch = dict(rows=rows, images=images, policy_images=policy_images, chats=chats, completions=completions,
+                     outcome=outcome, pending=pending)
+        return score_round(batch, step, sampling) if wait else batch
+
+    def score_round(batch: dict, step: int, sampling: dict) -> dict:
+        """The round's thinking rewards (waiting for the TRM), trust weight gamma, annealing and overlong shaping.
+        Every rank calls it at the same point of the step: the TRM-down check sums over the ranks."""
+        outcome, thinking, pending = batch["outcome"], [0.0] * len(batch["outcome"]), batch.pop("pending")
+        if pending is not None:
+            thinking, trm_stats = pending.result()
             abort_if_trm_down(trm_window, trm_stats.calls, trm_stats.failures, args)
             sampling["trm"].append(trm_stats)
         rewards, gammas = final_rewards(outcome, thinking, n, step, alpha=args.alpha, horizon=args.anneal_horizon,
                                         use_trust=args.use_trust, use_anneal=args.use_anneal)
         if args.overlong_buffer:
-            shaping = overlong_penalties([len(ids) for ids in completions.token_ids], args.max_completion_length,
-                                         args.overlong_buffer, args.overlong_penalty)
+            shaping = overlong_penalties([len(ids) for ids in batch["completions"].token_ids],
+                                         args.max_completion_length, args.overlong_buffer, args.overlong_penalty)
             rewards = [r + p for r, p in zip(rewards, shaping)]
-        return dict(rows=rows, images=images, policy_images=policy_images, chats=chats, completions=completions,
-                    outcome=outcome, thinking=thinking, rewards=rewards, gammas=gammas)
+        return {**batch, "thinking": thinking, "rewards": rewards, "gammas": gammas}
 
     progress = tqdm(range(start_step + 1, args.max_steps + 1), initial=start_step, total=args.max_steps,
                     desc="Trust-GRPO", disable=rank != 0)
@@ -329,23 +343,33 @@ def main(argv=None):
         seed_step(args.seed, step, rank)
         replaced_before = train_data.replaced
         per_rank = args.rollout_batch_size // world_size
-        t0, sampling = time.perf_counter(), {"generate_s": 0.0, "trm": []}
+        t0, sampling = time.perf_counter(), {"generate_s": 0.0, "trm": [], "late_wait_s": 0.0}
         batch = sample_round(prompts_for_step(len(train_rows), step, args.rollout_batch_size, rank, world_size,
-                                              args.seed), rank * per_rank, step, sampling)
+                                              args.seed), rank * per_rank, step, sampling,
+                             wait=args.dynamic_sampling or not args.trm_overlap)
         if args.dynamic_sampling:  # refill round r: prompts and seeds from (seed, step, r), the same on a resume
             batch, sampling["metrics"] = fill_batch(batch, lambda r: sample_round(
                 refill_prompts(len(train_rows), args.seed, step, r, per_rank, rank, world_size),
                 first_prompt_index(r, args.rollout_batch_size, rank, per_rank), step, sampling),
                 per_rank, n, args.dynamic_sampling_max_rounds, lambda full: min_across_ranks(float(full)) == 1.0)
-        rows, images, policy_images, chats, completions, outcome, thinking, rewards, gammas = (batch[name] for name in (
-            "rows", "images", "policy_images", "chats", "completions", "outcome", "thinking", "rewards", "gammas"))
-        trm_stats = merge_thinking_stats(sampling["trm"]) if trm else None
+        chats, policy_images, completions = batch["chats"], batch["policy_images"], batch["completions"]
         t1 = t0 + sampling["generate_s"]
+
+        def scored_rewards() -> list[float]:
+            if "pending" in batch:  # the TRM's answers, sent for before the reference and old passes
+                t = time.perf_counter()
+                batch.update(score_round(batch, step, sampling))
+                sampling["late_wait_s"] = time.perf_counter() - t
+            return batch["rewards"]
 
         # ---- 3. update: advantages, PPO-clip on token ratios, KL to the reference, entropy bonus ----
         t2 = time.perf_counter()
         rollout.sleep()
-        update = update_policy(engine, ref_engine, processor, chats, policy_images, completions, rewards, args)
+        update = update_policy(engine, ref_engine, processor, chats, policy_images, completions, scored_rewards,
+                               args)
+        rows, outcome, thinking, rewards, gammas = (batch[name] for name in (
+            "rows", "outcome", "thinking", "rewards", "gammas"))
+        trm_stats = merge_thinking_stats(sampling["trm"]) if trm else None
 
         # ---- 4. weight sync: stream the new ZeRO-3 weights into the rollout engine ----
         t3 = time.perf_counter()
@@ -368,7 +392,9 @@ def main(argv=None):
             **sampling.get("metrics", {}),
             "completions/mean_length": statistics.fmean(lengths),
             "completions/clipped_ratio": sum(x >= args.max_completion_length for x in lengths) / len(lengths),
-            "timing/rollout": t1 - t0, "timing/reward": t2 - t1, "timing/update": t3 - t2, "timing/sync": t4 - t3,
+            # timing/reward: outcome scoring and the TRM's wait that the reference and old passes did not hide
+            "timing/rollout": t1 - t0, "timing/reward": t2 - t1 + sampling["late_wait_s"],
+            "timing/update": t3 - t2 - sampling["late_wait_s"], "timing/sync": t4 - t3,
             "step_time": t4 - t0,
             "tokens_per_s": sum(lengths) / max(t1 - t0, 1e-9),
             "lr": engine.get_lr()[0],

@@ -36,14 +36,17 @@ def zero3_train_config(
     }
 
 
-def zero3_inference_config(*, world_size: int, bf16: bool, param_persistence_threshold: int = 10_000) -> dict:
-    """ZeRO-3 config for a frozen model (the KL reference policy): sharded, no optimizer."""
+def zero3_inference_config(*, world_size: int, bf16: bool, param_persistence_threshold: int = 10_000,
+                           offload: bool = False) -> dict:
+    """ZeRO-3 config for a frozen model (the KL reference policy): sharded, no optimizer; `offload` keeps its
+    partitions in CPU memory and brings each layer to the GPU only for its forward."""
     return {
         "train_batch_size": world_size,
         "train_micro_batch_size_per_gpu": 1,
         "bf16": {"enabled": bf16},
         "zero_optimization": {
             "stage": 3,
+            "offload_param": {"device": "cpu" if offload else "none"},
             "stage3_param_persistence_threshold": param_persistence_threshold,
         },
         "steps_per_print": 1_000_000_000,

@@ -224,6 +224,7 @@ class Settings:
     vllm_sleep_mode: bool = False
     vllm_tensor_parallel_size: int = 1
     kl_coef: float = 0.04  # > 0: a ZeRO-3 reference model
+    offload_reference: bool = False  # its partition in host memory (--offload-reference)
     param_persistence_threshold: int = 10_000
     headroom_gib: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
 
@@ -368,8 +369,10 @@ def make_plan(config: dict, settings: Settings, name: str = "model") -> Plan:
                  ("fp32 master weights", always(states["master"])),
                  ("AdamW exp_avg + exp_avg_sq, fp32", always(states["adam"]))]
     rows.append(("ZeRO-3 reduce bucket", always(states["reduce_bucket"])))
-    if settings.kl_coef > 0:  # zero3_inference_config: sharded, no optimizer, never offloaded
-        rows.append(("reference model, partition", always(states["weights"])))
+    if settings.kl_coef > 0:  # zero3_inference_config: sharded, no optimizer
+        rows.append(("reference model, " + ("offloaded: the persisted small ones" if settings.offload_reference
+                                            else "partition"),
+                     always(persisted if settings.offload_reference else states["weights"])))
     gathered = estimate[2] + states["gather"]  # + stage3_max_live_parameters and the prefetch bucket
     width = settings.completion_length if settings.logits_length is None else settings.logits_length
     rows += [(f"gathered layers (4 B x largest layer, {largest / 1e6:.0f}M)", {"update": gathered}),
@@ -388,6 +391,8 @@ def make_plan(config: dict, settings: Settings, name: str = "model") -> Plan:
         per_rank = states["weights"] + states["gradients"] + states["master"] + states["adam"] + \
             4 * states["trainable_elements"] + states["step"] // 2
         host.append(("offloaded weights, gradients, fp32 master and gradients, AdamW", gpn * per_rank, "held"))
+    if settings.kl_coef > 0 and settings.offload_reference:
+        host.append(("offloaded reference weights", gpn * states["weights"], "held"))
     if settings.vllm_gpu_memory_utilization and settings.vllm_sleep_mode:
         host.append(("vLLM sleep: weights kept in pinned memory", gpn * vllm_weights, "held"))
     if not settings.offload:  # torch.save copies a GPU tensor to the CPU one storage at a time
@@ -425,7 +430,8 @@ def format_plan(plan: Plan, config: dict, gpu: str = "80GB") -> str:
              f"tokens; images <= {image_tokens(s, st.max_pixels)} tokens ({st.max_pixels} pixels)",
              "vLLM " + (f"{st.vllm_gpu_memory_utilization} of the GPU, sleep mode "
                         f"{'on' if st.vllm_sleep_mode else 'off'}" if st.vllm_gpu_memory_utilization else "off") +
-             f"; reference model {'kept (KL ' + str(st.kl_coef) + ')' if st.kl_coef > 0 else 'none'}", ""]
+             f"; reference model {'kept (KL ' + str(st.kl_coef) + ')' if st.kl_coef > 0 else 'none'}"
+             f"{', offloaded' if st.kl_coef > 0 and st.offload_reference else ''}", ""]
     phases = plan.phases()
     lines.append(f"{'per GPU (' + gpu + '), GiB':<70}" + "".join(f"{p:>9}" for p in phases))
     for label, values in plan.gpu_rows(GPUS[gpu]):
@@ -465,7 +471,8 @@ def settings_from_args(args, world_size: int, stage: int, gpus_per_node: int | N
                     num_generations=args.num_generations, entropy_grad=args.entropy_coef > 0,
                     vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization if args.rollout_engine == "vllm"
                     else 0.0, vllm_sleep_mode=args.vllm_sleep_mode,
-                    vllm_tensor_parallel_size=args.vllm_tensor_parallel_size, kl_coef=args.kl_coef, **common)
+                    vllm_tensor_parallel_size=args.vllm_tensor_parallel_size, kl_coef=args.kl_coef,
+                    offload_reference=args.offload_reference, **common)
 
 
 def print_stage_plan(args, stage: int) -> None:
@@ -515,6 +522,7 @@ def parse_args(argv=None):
     g.add_argument("--vllm-sleep-mode", action="store_true")
     g.add_argument("--vllm-tensor-parallel-size", type=int, default=1)
     g.add_argument("--kl-coef", type=float, default=None, help="> 0 keeps a reference model (step 2: 0.04)")
+    g.add_argument("--offload-reference", action="store_true", help="the reference's partition in host memory")
     return p.parse_args(argv)
 
 
@@ -535,7 +543,7 @@ def main(argv=None):
         dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
         freeze_vision_tower=args.freeze_vision_tower, attn_implementation=args.attn_implementation,
         vllm_sleep_mode=args.vllm_sleep_mode, vllm_tensor_parallel_size=args.vllm_tensor_parallel_size,
-        param_persistence_threshold=args.zero_param_persistence_threshold, headroom_gib=args.headroom_gib, **given)
+        offload_reference=args.offload_reference, param_persistence_threshold=args.zero_param_persistence_threshold, headroom_gib=args.headroom_gib, **given)
     if not 0 <= settings.vllm_gpu_memory_utilization < 1:
         raise InputError(f"--vllm-gpu-memory-utilization must be in [0, 1), got {settings.vllm_gpu_memory_utilization}")
     name, config = load_config(args.model)

@@ -99,11 +99,13 @@ def update_deltas(rank, tiny_assets):
         model = load_model(tiny_assets["model"], torch.float32, hf_ds_config=hf_ds_config)
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                           config=config)
-        update_policy(engine, None, processor, chats, images, completions, rewards, step2_args(*common, *first_flags))
+        update_policy(engine, None, processor, chats, images, completions, lambda: rewards,
+                      step2_args(*common, *first_flags))
         planned[name] = [engine.gradient_accumulation_steps()]
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             before = [p.detach().clone() for p in engine.module.parameters()]
-        update_policy(engine, None, processor, chats, images, completions, rewards, step2_args(*common, *second_flags))
+        update_policy(engine, None, processor, chats, images, completions, lambda: rewards,
+                      step2_args(*common, *second_flags))
         planned[name].append(engine.gradient_accumulation_steps())
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             return [b - p.detach() for b, p in zip(before, engine.module.parameters())]

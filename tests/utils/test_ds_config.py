@@ -42,7 +42,8 @@ def test_inference_config():
     assert config["train_batch_size"] == 8
     assert config["train_micro_batch_size_per_gpu"] == 1
     assert config["bf16"] == {"enabled": False}
-    assert config["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 7}
+    assert config["zero_optimization"] == {"stage": 3, "offload_param": {"device": "none"},
+                                           "stage3_param_persistence_threshold": 7}
     assert "optimizer" not in config and "gradient_clipping" not in config
     assert zero3_inference_config(world_size=1, bf16=True)["zero_optimization"][
         "stage3_param_persistence_threshold"] == 10_000
@@ -83,3 +84,6 @@ def test_deepspeed_parses_the_inference_config():
     assert parsed.zero_optimization_stage == 3
     assert parsed.bfloat16_config.enabled
     assert parsed.zero_config.param_persistence_threshold == 0
+    assert parsed.zero_config.offload_param.device == "none"
+    offloaded = DeepSpeedConfig(zero3_inference_config(world_size=1, bf16=True, offload=True))
+    assert offloaded.zero_config.offload_param.device == "cpu"

@@ -240,6 +240,10 @@ def test_vllm_share_is_freed_by_sleep_mode_during_the_update():
                                                                     "partition at a time"])
     no_reference = mp.make_plan(config, mp.Settings(gradient_checkpointing=True, kl_coef=0.0))
     assert awake.totals(gpu)["update"] - no_reference.totals(gpu)["update"] == awake.states["weights"]
+    offloaded = mp.make_plan(config, mp.Settings(gradient_checkpointing=True, offload_reference=True))
+    persisted = 2 * mp.persisted_numel(mp.parameter_modules(mp.shape_from_config(config)), 10_000)
+    assert awake.totals(gpu)["update"] - offloaded.totals(gpu)["update"] == awake.states["weights"] - persisted
+    assert {label: n for label, n, _ in offloaded.host}["offloaded reference weights"] == 8 * awake.states["weights"]
     too_small = mp.make_plan(config, mp.Settings(vllm_gpu_memory_utilization=0.3, vllm_sleep_mode=True))
     assert any("cannot hold its weights" in p for p in too_small.problems(mp.GPUS["40GB"]))
 
