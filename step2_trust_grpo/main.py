@@ -42,7 +42,8 @@ if not __package__:  # run as a script (`deepspeed step2_trust_grpo/main.py`, or
 
 from .arguments import check_args, parse_args
 from .completion_log import CompletionLog
-from .micro_batches import fixed_count, sequence_lengths, split_to, token_budget
+from .micro_batches import (encodings_per_image, fixed_count, padding_share, sequence_lengths, split_to,
+                            token_budget)
 from .loss import (STEP_AGGREGATIONS, group_advantages, grpo_loss, kl_penalties, rollout_is_weights, step_denominator,
                    step_units)
 
@@ -140,11 +141,13 @@ def update_policy(engine, ref_engine, processor, chats, images, completions, sco
         micro = fixed_count(len(completion_ids), args.micro_batch_size)
     batches = [completion_batch(processor, [chats[j // n] for j in mb], [images[j // n] for j in mb],
                                 [completion_ids[j] for j in mb]) for mb in micro]
+    extra = {"update/padding_share": padding_share([b["attention_mask"] for b in batches]),
+             "update/encodings_per_image": encodings_per_image(micro, images, n)}
     with torch.no_grad():
         ref_logps = [completion_logps(ref_engine, b, args.temperature)[0] if ref_engine else None for b in batches]
         old_logps = [completion_logps(engine, b, args.temperature)[0] if args.ppo_epochs > 1 or args.kl_in_reward
                      else None for b in batches]
-    rewards, extra = torch.tensor(scored_rewards()), {}
+    rewards = torch.tensor(scored_rewards())
     if args.kl_in_reward:  # over every completion token: --mask-truncated masks the loss, not the reward
         penalties = torch.cat([kl_penalties(old, ref, b["completion_mask"].to(old.device), args.kl_estimator,
                                             args.kl_coef).cpu() for b, old, ref in zip(batches, old_logps, ref_logps)])

@@ -43,3 +43,16 @@ def split_to(batches: list, count: int) -> list:
         rows = batches.pop(largest)
         batches[largest:largest] = [rows[:len(rows) // 2], rows[len(rows) // 2:]]
     return batches
+
+
+def padding_share(attention_masks: list) -> float:
+    """Pad tokens / all tokens of the passes over these micro-batches (prompt and completion)."""
+    return 1 - sum(m.sum().item() for m in attention_masks) / sum(m.numel() for m in attention_masks)
+
+
+def encodings_per_image(batches: list, images: list, num_generations: int) -> float:
+    """Images the vision tower encodes per pass over the micro-batches, per distinct image: 1.0 when each prompt's
+    completions sit in one micro-batch (its images are encoded once there), more when a cut splits them."""
+    encoded = sum(len({id(image) for j in batch for image in images[j // num_generations]}) for batch in batches)
+    distinct = len({id(image) for row_images in images for image in row_images})
+    return encoded / distinct if distinct else 1.0

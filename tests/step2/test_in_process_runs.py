@@ -115,6 +115,9 @@ def test_the_judge_answers_during_the_reference_pass_and_the_rewards_are_the_wai
             assert row["thinking"] == ([0.0] * 4 if group_failed else
                                        [response_hash(text) % 11 / 10 for text in row["completions"]])
     assert 0 < sum(m["trm/failures"] for m in overlap_metrics) < 16
+    # micro-batches of 4 = one prompt's completions each: its image is encoded once per pass
+    assert [m["update/encodings_per_image"] for m in overlap_metrics] == [1.0, 1.0]
+    assert all(0 <= m["update/padding_share"] < 1 for m in overlap_metrics)
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ import torch
 
 from sophiavl.utils.cli import InputError
 from step2_trust_grpo.arguments import check_args, parse_args
-from step2_trust_grpo.micro_batches import fixed_count, sequence_lengths, split_to, token_budget
+from step2_trust_grpo.micro_batches import (encodings_per_image, fixed_count, padding_share, sequence_lengths,
+                                           split_to, token_budget)
 from tests.helpers import run_on_ranks
 
 
@@ -23,6 +24,16 @@ def test_the_largest_micro_batches_are_split_until_the_count_other_ranks_need():
     assert sorted(i for b in split_to([[0, 1, 2, 3]], 4) for i in b) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="cannot make 3 micro-batches of 2 rows"):
         split_to([[0], [1]], 3)
+
+
+def test_padding_share_and_image_encodings_of_a_cut():
+    masks = [torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), torch.tensor([[1, 1, 0]])]  # 2 pads of 11 tokens
+    assert padding_share(masks) == pytest.approx(2 / 11)
+    a, b, c = object(), object(), object()
+    images = [[a], [b, c], []]  # 3 prompts, 2 completions each (rows 0-5); the last prompt is text only
+    assert encodings_per_image([[0, 1], [2, 3], [4, 5]], images, 2) == 1.0
+    assert encodings_per_image([[0, 2], [1, 3, 4], [5]], images, 2) == 2.0  # a, b, c each in two micro-batches
+    assert encodings_per_image([[4, 5]], [[], [], []], 2) == 1.0  # no images: nothing encoded again
 
 
 def prompts_and_completions(tiny_assets, count=3):
