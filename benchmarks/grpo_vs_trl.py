@@ -120,6 +120,27 @@ def outcome(completions, solution, problem_type, **kwargs) -> list[float]:
     return [outcome_reward(c[0]["content"], s, t) for c, s, t in zip(completions, solution, problem_type)]
 
 
+def judge_reward(url: str):
+    """A TRL reward function that asks the judge at `url` for every completion at once (as our TRM client does)
+    and reads the score from its <answer> tag (benchmarks/mid_size.py)."""
+    import asyncio
+    import re
+
+    import httpx
+
+    async def scores(texts):
+        async with httpx.AsyncClient(timeout=60) as client:
+            replies = await asyncio.gather(*(client.post(url + "/v1/chat/completions", json={
+                "model": "judge", "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]})
+                for text in texts))
+        return [float(re.search(r"<answer>(.*?)</answer>", r.json()["choices"][0]["message"]["content"])[1])
+                for r in replies]
+
+    def judge(completions, **kwargs) -> list[float]:
+        return asyncio.run(scores([c[0]["content"] for c in completions]))
+    return judge
+
+
 def trl_worker(job_file: str) -> None:
     import torch
     from transformers import TrainerCallback
@@ -139,15 +160,26 @@ def trl_worker(job_file: str) -> None:
         num_generations=job["num_generations"], max_completion_length=job["max_completion_length"],
         temperature=job["temperature"], top_p=1.0, top_k=0, learning_rate=job["learning_rate"],
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, beta=job["kl_coef"],
-        epsilon=job["clip_eps"], num_iterations=1, loss_type="bnpo", scale_rewards="group",
+        epsilon=job["clip_eps"], num_iterations=1, loss_type=job.get("loss_type", "bnpo"), scale_rewards="group",
+        reward_weights=[1.0, job["judge_weight"]] if job.get("judge_url") else None,
         gradient_checkpointing=False, max_steps=job["steps"], logging_steps=1, save_strategy="no",
         report_to="none", seed=job["seed"], dataloader_num_workers=0, disable_tqdm=True,
         model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"})
-    processor = load_processor(job["model"], job["pixels"], job["pixels"])
-    trainer = GRPOTrainer(model=job["model"], reward_funcs=[outcome], args=config, train_dataset=trl_dataset(job),
+    processor = load_processor(job["model"], job.get("min_pixels", job["pixels"]), job.get("max_pixels", job["pixels"]))
+    rewards = [outcome] + ([judge_reward(job["judge_url"])] if job.get("judge_url") else [])
+    trainer = GRPOTrainer(model=job["model"], reward_funcs=rewards, args=config, train_dataset=trl_dataset(job),
                           processing_class=processor)
 
-    phase = {"generation": 0.0, "reward": 0.0}
+    phase = {"generation": 0.0, "reward": 0.0, "real": 0, "all": 0}
+    compute_loss = trainer._compute_loss
+
+    def counting_tokens(model, inputs):  # the training pass's tokens, pads and all (prompt + completion)
+        masks = (inputs["prompt_mask"], inputs["completion_mask"])
+        phase["real"] += sum(int(m.sum()) for m in masks)
+        phase["all"] += sum(m.numel() for m in masks)
+        return compute_loss(model, inputs)
+
+    trainer._compute_loss = counting_tokens
 
     def timed(name, fn):
         def wrapper(*a, **k):
@@ -164,7 +196,7 @@ def trl_worker(job_file: str) -> None:
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            phase.update(generation=0.0, reward=0.0, start=time.perf_counter())
+            phase.update(generation=0.0, reward=0.0, real=0, all=0, start=time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
             step_time = time.perf_counter() - phase["start"]
@@ -172,7 +204,9 @@ def trl_worker(job_file: str) -> None:
             with open(steps_path, "a") as f:
                 f.write(json.dumps({"generation": phase["generation"], "reward": phase["reward"],
                                     "update": step_time - phase["generation"] - phase["reward"],
-                                    "step_time": step_time, "tokens": tokens}) + "\n")
+                                    "step_time": step_time, "tokens": tokens, "update_tokens": phase["real"],
+                                    "padding": 1 - phase["real"] / max(phase["all"], 1),
+                                    "mean_length": tokens / job["prompts"] / job["num_generations"]}) + "\n")
 
     trainer.add_callback(StepTimer())
     trainer.train()

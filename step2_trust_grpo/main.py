@@ -142,6 +142,7 @@ def update_policy(engine, ref_engine, processor, chats, images, completions, sco
     batches = [completion_batch(processor, [chats[j // n] for j in mb], [images[j // n] for j in mb],
                                 [completion_ids[j] for j in mb]) for mb in micro]
     extra = {"update/padding_share": padding_share([b["attention_mask"] for b in batches]),
+             "update/tokens": sum(b["attention_mask"].sum().item() for b in batches),  # per pass, pads left out
              "update/encodings_per_image": encodings_per_image(micro, images, n)}
     with torch.no_grad():
         ref_logps = [completion_logps(ref_engine, b, args.temperature)[0] if ref_engine else None for b in batches]
