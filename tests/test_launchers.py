@@ -3,11 +3,14 @@ one is valid bash, and every one follows the convention stated in the README ("L
 relative to the caller's folder (no `cd`), the extra arguments passed through last, the log in
 $OUTPUT/training.log, and a copied stage's launcher runs the copy's own scripts. The convention is checked by
 running each launcher with `python`, `deepspeed`, `vllm` and `curl` replaced by stubs that record their calls."""
+import contextlib
 import functools
 import glob
+import io
 import json
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -45,10 +48,15 @@ def stage_flags(script: str) -> dict[str, set]:
 
 @functools.cache
 def help_text(stage_script: str) -> str:
-    result = subprocess.run([sys.executable, stage_script, "--help"], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    """The script's --help, run as a script in this process (`python SCRIPT --help` pays the imports again: several
+    seconds a script; tests/utils/test_stage.py runs one as a process)."""
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), \
+            pytest.raises(SystemExit) as exit_info:
+        patch.setattr(sys, "argv", [stage_script, "--help"])
+        runpy.run_path(stage_script, run_name="__main__")
+    assert exit_info.value.code in (0, None)
+    return out.getvalue()
 
 
 def test_there_are_launchers_for_every_stage():
