@@ -27,11 +27,15 @@ if [ "$target" = cpu ]; then
   "$venv/bin/python" scripts/patch_torchvision.py
   # DeepSpeed compiles its CPU shared-memory all-reduce op on first use, behind a lock file; a run stopped during
   # that compile leaves the lock and every later DeepSpeed start waits on it forever. Build it here, once, after
-  # removing a lock that an interrupted setup may have left (no run can be using it while setup runs).
+  # removing a lock that an interrupted build left. A lock is also a build in progress (another setup or a run's
+  # first start share ~/.cache/torch_extensions; removing theirs corrupts the op): wait for it while it is younger
+  # than 10 minutes (a build takes about one), then remove it.
   "$venv/bin/python" - <<'PY'
-import os
+import os, time
 from torch.utils.cpp_extension import _get_build_directory
 lock = os.path.join(_get_build_directory("deepspeed_shm_comm", verbose=False), "lock")
+while os.path.exists(lock) and time.time() - os.path.getmtime(lock) < 600:
+    time.sleep(5)
 if os.path.exists(lock):
     os.remove(lock)
 from deepspeed.accelerator import get_accelerator
