@@ -3,8 +3,9 @@ import argparse
 
 from sophiavl.utils.cli import InputError
 from sophiavl.utils.arguments import (add_checkpoint_arguments, add_distributed_arguments, add_eval_arguments,
-                                      add_logging_arguments, add_model_arguments, add_optimizer_arguments,
-                                      add_plan_argument, add_zero3_arguments, check_shared_args)
+                                      add_logging_arguments, add_lora_arguments, add_model_arguments,
+                                      add_optimizer_arguments, add_plan_argument, add_zero3_arguments,
+                                      check_shared_args)
 from sophiavl.utils.trm_client import normalize_base_url
 
 from .loss import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS, STEP_AGGREGATIONS
@@ -92,6 +93,9 @@ def parse_args(argv=None):
     g.add_argument("--entropy-coef", type=float, default=1e-3)
     add_zero3_arguments(g)
     add_plan_argument(g)
+
+    g = p.add_argument_group("LoRA (README: LoRA); the reference policy is then the base model, adapters disabled")
+    add_lora_arguments(g)
 
     g = p.add_argument_group("GRPO variants (README: GRPO variants); the defaults are the paper's Trust-GRPO")
     g.add_argument("--loss-agg", choices=LOSS_AGGREGATIONS, default="token-mean",
