@@ -24,11 +24,13 @@ from sophiavl.utils.data import ReadableRows, epoch_order
 from sophiavl.utils.distributed import init_distributed, shutdown, sum_across_ranks
 from sophiavl.utils.ds_config import zero3_train_config
 from sophiavl.utils.generation import Sampling, hf_generate
+from sophiavl.utils.lora import add_adapters
 from sophiavl.utils.memory_plan import print_stage_plan
 from sophiavl.utils.metrics_log import MetricsLogger
 from sophiavl.utils.arguments import (add_checkpoint_arguments, add_distributed_arguments, add_eval_arguments,
-                                      add_logging_arguments, add_model_arguments, add_optimizer_arguments,
-                                      add_plan_argument, add_zero3_arguments, check_shared_args)
+                                      add_logging_arguments, add_lora_arguments, add_model_arguments,
+                                      add_optimizer_arguments, add_plan_argument, add_zero3_arguments,
+                                      check_shared_args)
 from sophiavl.utils.model import apply_training_flags, encode_images_first, load_model, load_processor, resolve_dtype
 from sophiavl.utils.outputs import prepare_output_dir, write_atomic, write_run_info
 from sophiavl.utils.prompt_length import drop_over_long
@@ -68,6 +70,9 @@ def parse_args(argv=None):
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
     add_zero3_arguments(g)
     add_plan_argument(g)
+
+    g = p.add_argument_group("LoRA (README: LoRA)")
+    add_lora_arguments(g)
 
     g = p.add_argument_group("evaluation, logging and checkpoints")
     add_eval_arguments(g)
@@ -217,6 +222,7 @@ def main(argv=None):
     model = load_model(args.model_path, dtype, args.attn_implementation, hf_ds_config)
     apply_training_flags(model, freeze_vision_tower=args.freeze_vision_tower,
                          gradient_checkpointing=args.gradient_checkpointing)
+    add_adapters(model, args, args.seed)  # --lora-rank: only the adapters train (the model is adapted in place)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
     warmup_steps = round(args.warmup_ratio * total_steps)
@@ -268,7 +274,8 @@ def main(argv=None):
             save_checkpoint(engine, args.output_dir, step)
 
     # ---- the judge as an HF directory: transformers, evaluate.py and vllm serve load it ----
-    save_hf_model(engine, processor, os.path.join(args.output_dir, "final"))
+    save_hf_model(engine, processor, os.path.join(args.output_dir, "final"),
+                  adapter_of=args.model_path if args.lora_save_adapter else None)
     if rank == 0 and eval_metrics:
         write_atomic(os.path.join(args.output_dir, "eval.json"), json.dumps(eval_metrics, indent=2) + "\n")
         print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))

@@ -3,8 +3,9 @@ import argparse
 
 from sophiavl.utils.cli import InputError
 from sophiavl.utils.arguments import (add_checkpoint_arguments, add_distributed_arguments, add_eval_arguments,
-                                      add_logging_arguments, add_model_arguments, add_optimizer_arguments,
-                                      add_plan_argument, add_zero3_arguments, check_shared_args)
+                                      add_logging_arguments, add_lora_arguments, add_model_arguments,
+                                      add_optimizer_arguments, add_plan_argument, add_zero3_arguments,
+                                      check_shared_args)
 from sophiavl.utils.trm_client import normalize_base_url
 
 from .loss import IMPORTANCE_LEVELS, KL_ESTIMATORS, LOSS_AGGREGATIONS, STEP_AGGREGATIONS
@@ -100,6 +101,9 @@ def parse_args(argv=None):
     g.add_argument("--entropy-coef", type=float, default=1e-3)
     add_zero3_arguments(g)
     add_plan_argument(g)
+
+    g = p.add_argument_group("LoRA (README: LoRA); the reference policy is then the base model, adapters disabled")
+    add_lora_arguments(g)
 
     g = p.add_argument_group("GRPO variants (README: GRPO variants); the defaults are the paper's Trust-GRPO")
     g.add_argument("--loss-agg", choices=LOSS_AGGREGATIONS, default="token-mean",
@@ -238,6 +242,9 @@ def check_variant_args(args) -> None:
                          f"{args.clip_eps_low} and {args.clip_eps_high}")
     if args.offload_reference and not args.kl_coef > 0:
         raise InputError("--offload-reference: --kl-coef 0 has no reference model to offload")
+    if args.offload_reference and args.lora_rank:
+        raise InputError("--offload-reference: with --lora-rank the reference is the policy with its adapters "
+                         "disabled, there is no copy to offload")
     if args.kl_in_reward and not args.kl_coef > 0:
         raise InputError("--kl-in-reward subtracts --kl-coef x KL from the rewards: give --kl-coef > 0")
     if args.rollout_is != "none" and args.rollout_engine != "vllm":

@@ -28,6 +28,7 @@ from sophiavl.utils.metrics_log import MetricsLogger
 from sophiavl.utils.distributed import (init_distributed, max_across_ranks, mean_across_ranks, min_across_ranks, shutdown,
                                         sum_across_ranks)
 from sophiavl.utils.generation import Sampling, prompt_seed, stop_token_ids
+from sophiavl.utils.lora import add_adapters
 from sophiavl.utils.model import apply_training_flags, chat_texts, load_model, load_processor, resolve_dtype
 from sophiavl.utils.outputs import prepare_output_dir, write_run_info
 from sophiavl.utils.prompt_length import keep_within
@@ -47,7 +48,7 @@ from .micro_batches import (encodings_per_image, fixed_count, padding_share, seq
 from .loss import (STEP_AGGREGATIONS, group_advantages, grpo_loss, kl_penalties, rollout_is_weights, step_denominator,
                    step_units)
 
-from .policy import completion_batch, completion_logps
+from .policy import AdaptersDisabled, completion_batch, completion_logps
 from .dynamic_sampling import fill_batch, first_prompt_index, refill_prompts
 from .rewards import (final_rewards, merge_thinking_stats, outcome_rewards, overlong_penalties, thinking_rewards,
                       truncated)
@@ -79,7 +80,8 @@ def policy_chat(row: dict) -> list:
 
 
 def build_policy_engines(args, world_size: int, dtype: torch.dtype):
-    """The trained policy and (when the KL term is on) the frozen reference, both ZeRO-3 sharded."""
+    """The trained policy and (when the KL term is on) the frozen reference, both ZeRO-3 sharded. With --lora-rank
+    the reference is the policy's own engine with its adapters disabled: the base model, no second copy."""
     import deepspeed
 
     bf16 = dtype == torch.bfloat16
@@ -92,6 +94,7 @@ def build_policy_engines(args, world_size: int, dtype: torch.dtype):
     policy = load_model(args.model_path, dtype, args.attn_implementation, hf_ds_config)
     apply_training_flags(policy, freeze_vision_tower=args.freeze_vision_tower,
                          gradient_checkpointing=args.gradient_checkpointing)
+    lora = add_adapters(policy, args, args.seed)  # adapts `policy` in place; only the adapters stay trainable
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     warmup = max(args.warmup_steps * args.ppo_epochs, 1)
@@ -99,7 +102,9 @@ def build_policy_engines(args, world_size: int, dtype: torch.dtype):
     engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     ref_engine = None
-    if args.kl_coef > 0:
+    if args.kl_coef > 0 and lora is not None:
+        ref_engine = AdaptersDisabled(engine, lora)
+    elif args.kl_coef > 0:
         reference = load_model(args.model_path, dtype, args.attn_implementation, hf_ds_config)
         ref_config = zero3_inference_config(world_size=world_size, bf16=bf16, offload=args.offload_reference,
                                             param_persistence_threshold=args.zero_param_persistence_threshold)
@@ -429,7 +434,8 @@ def main(argv=None):
             save_checkpoint(engine, args.output_dir, step)
 
     # ---- save the final policy as an HF directory: step 3, transformers and vllm serve load it ----
-    save_hf_model(engine, processor, os.path.join(args.output_dir, "final"))
+    save_hf_model(engine, processor, os.path.join(args.output_dir, "final"),
+                  adapter_of=args.model_path if args.lora_save_adapter else None)
     logger.close()
     shutdown()
 

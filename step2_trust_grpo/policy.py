@@ -45,6 +45,19 @@ def _keep_distinct_images(batch: dict, image_ids: list[int]) -> None:
     batch["image_index"] = torch.tensor([distinct[image_id][0] for image_id in image_ids])
 
 
+class AdaptersDisabled:
+    """The reference policy of a LoRA run: the training engine called with its adapters disabled (peft's
+    disable_adapter), i.e. the base model, whose weights the engine holds anyway. Used as a reference engine is
+    (completion_logps), under no_grad."""
+
+    def __init__(self, engine, peft_model):
+        self.engine, self.module, self.peft_model = engine, engine.module, peft_model
+
+    def __call__(self, **inputs):
+        with self.peft_model.disable_adapter():
+            return self.engine(**inputs)
+
+
 def completion_logps(model, batch: dict, temperature: float, with_entropy: bool = False, entropy_grad: bool = True):
     """Per-token log-probs (and entropies) of the completion tokens under `model` (a DeepSpeed
     engine or a plain model), at the sampling temperature, shape [B, completion width]. Only the

@@ -4,6 +4,7 @@ step3_eval/main.py)."""
 import argparse
 
 from sophiavl.utils.cli import InputError
+from sophiavl.utils.lora import LORA_TARGETS, parse_targets
 
 TRAINING_PIXELS = (3136, 1003520)  # steps 1 and 2: --min-pixels, --max-pixels
 
@@ -31,6 +32,22 @@ def add_zero3_arguments(group) -> None:
     group.add_argument("--offload", action="store_true", help="ZeRO-3 offload of parameters and optimizer to CPU")
     group.add_argument("--zero-param-persistence-threshold", type=int, default=10_000,
                        help="parameters smaller than this stay unsharded; 0 shards every parameter (tests)")
+
+
+def add_lora_arguments(group) -> None:
+    """LoRA adapters instead of full fine-tuning (steps 1 and 2; utils/lora.py)."""
+    group.add_argument("--lora-rank", type=int, default=0,
+                       help="r of LoRA adapters on the language model (peft), trained instead of the whole model: "
+                            "the base weights and the vision tower stay frozen (0: full fine-tuning)")
+    group.add_argument("--lora-alpha", type=float, default=None,
+                       help="LoRA's alpha: the update is (alpha / r) B A (default: 2 x --lora-rank)")
+    group.add_argument("--lora-target-modules", default=",".join(LORA_TARGETS),
+                       help="comma-separated names of the language model's linear layers that get adapters (default: "
+                            "every projection of attention and MLP; the vision tower's layers never do)")
+    group.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    group.add_argument("--lora-save-adapter", action="store_true",
+                       help="also save the adapter alone (peft's format) in OUTPUT/final/adapter; final/ itself is "
+                            "always the merged model")
 
 
 def add_plan_argument(group) -> None:
@@ -95,6 +112,27 @@ def check_shared_args(args) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if hasattr(args, "save_every") and args.save_every < 0:
         raise InputError(f"--save-every must be >= 0 (0: no checkpoints), got {args.save_every}")
+    if hasattr(args, "lora_rank"):
+        check_lora_args(args)
     if hasattr(args, "zero_param_persistence_threshold") and args.zero_param_persistence_threshold < 0:
         raise InputError("--zero-param-persistence-threshold must be >= 0, got "
                          f"{args.zero_param_persistence_threshold}")
+
+
+def check_lora_args(args) -> None:
+    """The LoRA flags; fills in --lora-alpha's default (2 x the rank)."""
+    if args.lora_rank < 0:
+        raise InputError(f"--lora-rank must be >= 0 (0: full fine-tuning), got {args.lora_rank}")
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_rank
+    parse_targets(args.lora_target_modules)
+    if not args.lora_rank:
+        given = [flag for flag, on in (("--lora-save-adapter", args.lora_save_adapter),
+                                       ("--lora-dropout", args.lora_dropout != 0)) if on]
+        if given:
+            raise InputError(f"{' and '.join(given)} need LoRA: give --lora-rank > 0")
+        return
+    if not args.lora_alpha > 0:
+        raise InputError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise InputError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")

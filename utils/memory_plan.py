@@ -34,6 +34,7 @@ import os
 from dataclasses import dataclass, replace
 
 from sophiavl.utils.cli import InputError, exit_on_input_error
+from sophiavl.utils.lora import LORA_TARGETS, parse_targets
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
 GIB = 2 ** 30
@@ -132,6 +133,22 @@ def parameter_modules(s: Shape) -> list[tuple[str, str, int, tuple[int, ...]]]:
     return ([(m, "vision", n, t) for m, n, t in vision] + [(m, "language", n, t) for m, n, t in language] + head)
 
 
+def lora_modules(s: Shape, rank: int, targets) -> list[tuple[str, str, int, tuple[int, ...]]]:
+    """The adapters peft adds for --lora-rank r (part "lora"): per target linear layer of every decoder layer,
+    A (r x in) and B (out x r)."""
+    if not rank:
+        return []
+    hq, hkv, h, i = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.hidden, s.intermediate
+    shapes = {"q_proj": (h, hq), "k_proj": (h, hkv), "v_proj": (h, hkv), "o_proj": (hq, h), "gate_proj": (h, i),
+              "up_proj": (h, i), "down_proj": (i, h)}
+    unknown = [t for t in targets if t not in shapes]
+    if unknown:
+        raise InputError(f"--lora-target-modules {','.join(unknown)}: the plan knows the language model's "
+                         f"{', '.join(shapes)}")
+    return [(f"layer.{t}.lora_A + lora_B", "lora", s.layers, (rank * shapes[t][0], shapes[t][1] * rank))
+            for t in targets]
+
+
 def numel(modules, part: str | None = None) -> int:
     return sum(n * sum(t) for _, p, n, t in modules if part in (None, p))
 
@@ -219,6 +236,8 @@ class Settings:
     gradient_checkpointing: bool = False
     attn_implementation: str = "flash_attention_2"
     freeze_vision_tower: bool = False
+    lora_rank: int = 0  # > 0: only LoRA adapters on the language model train (utils/lora.py)
+    lora_target_modules: tuple = LORA_TARGETS
     entropy_grad: bool = True  # --entropy-coef > 0
     vllm_gpu_memory_utilization: float = 0.4  # 0: no colocated vLLM
     vllm_sleep_mode: bool = False
@@ -255,7 +274,8 @@ def zero3_sizes() -> dict:
 
 def model_state_bytes(modules, trainable, settings: Settings) -> dict:
     """Per-rank bytes of the ZeRO-3 policy (DeepSpeed stage3.py, see the module docstring). `trainable`: the modules
-    the optimizer gets, all of them for full fine-tuning; LoRA (a later part) passes its adapter matrices here."""
+    the optimizer gets: all of them for full fine-tuning, the adapter matrices for LoRA (lora_modules), which `modules`
+    then includes too."""
     e, ranks, sizes = DTYPE_BYTES[settings.dtype], settings.world_size, zero3_sizes()
     weights, train = partition_numel(modules, ranks), partition_numel(trainable, ranks)
     return {"weights": e * weights + e * persisted_numel(modules, settings.param_persistence_threshold),
@@ -275,7 +295,7 @@ def activation_bytes(s: Shape, settings: Settings, micro: int) -> dict:
     ckpt = settings.gradient_checkpointing
     llm = (s.layers * e * s.hidden * tokens if ckpt else s.layers * layer) + llm_once_bytes(s, e) * tokens
     block = vision_block_bytes(s, e, sdpa=settings.attn_implementation == "sdpa")
-    vision = 0 if settings.freeze_vision_tower else \
+    vision = 0 if settings.freeze_vision_tower or settings.lora_rank else \
         ((s.v_depth * e * s.v_hidden if ckpt else s.v_depth * block) + vision_once_bytes(s, e)) * patches
     width = settings.completion_length if settings.logits_length is None else settings.logits_length
     # model-dtype logits, the divided copy and its gradient; the fp32 rows logsumexp keeps; the entropy's two
@@ -347,9 +367,10 @@ def make_plan(config: dict, settings: Settings, name: str = "model") -> Plan:
         raise InputError(f"--attn-implementation {settings.attn_implementation}: the plan knows flash_attention_2 and "
                          "sdpa (eager attention also keeps every batch x heads x length^2 score)")
     s = shape_from_config(config)
-    modules = parameter_modules(s)
-    trainable = [m for m in modules if not (settings.freeze_vision_tower and m[1] == "vision")]
-    states = model_state_bytes(modules, trainable, settings)
+    modules = parameter_modules(s)  # the base model: what vLLM, the reference and the final export hold
+    adapters = lora_modules(s, settings.lora_rank, settings.lora_target_modules)
+    trainable = adapters or [m for m in modules if not (settings.freeze_vision_tower and m[1] == "vision")]
+    states = model_state_bytes(modules + adapters, trainable, settings)
     acts = activation_bytes(s, settings, settings.micro_batch_size)
     e, gpn = DTYPE_BYTES[settings.dtype], settings.gpus_per_node
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -360,7 +381,7 @@ def make_plan(config: dict, settings: Settings, name: str = "model") -> Plan:
         cpu_offload_params=settings.offload, zero_init=True)
     phases = (["rollout"] if settings.vllm_gpu_memory_utilization else []) + ["update", "step"]
     always = lambda n: dict.fromkeys(phases, n)  # noqa: E731
-    persisted = e * persisted_numel(modules, settings.param_persistence_threshold)  # stays on the GPU when offloaded
+    persisted = e * persisted_numel(modules + adapters, settings.param_persistence_threshold)  # kept when offloaded
     rows = [(f"policy weights, {settings.dtype} " + ("(offload: the persisted small ones)" if settings.offload
                                                      else "partition"),
              always(persisted if settings.offload else states["weights"]))]
@@ -369,7 +390,7 @@ def make_plan(config: dict, settings: Settings, name: str = "model") -> Plan:
                  ("fp32 master weights", always(states["master"])),
                  ("AdamW exp_avg + exp_avg_sq, fp32", always(states["adam"]))]
     rows.append(("ZeRO-3 reduce bucket", always(states["reduce_bucket"])))
-    if settings.kl_coef > 0:  # zero3_inference_config: sharded, no optimizer
+    if settings.kl_coef > 0 and not adapters:  # zero3_inference_config: sharded, no optimizer
         rows.append(("reference model, " + ("offloaded: the persisted small ones" if settings.offload_reference
                                             else "partition"),
                      always(persisted if settings.offload_reference else states["weights"])))
@@ -391,7 +412,7 @@ def make_plan(config: dict, settings: Settings, name: str = "model") -> Plan:
         per_rank = states["weights"] + states["gradients"] + states["master"] + states["adam"] + \
             4 * states["trainable_elements"] + states["step"] // 2
         host.append(("offloaded weights, gradients, fp32 master and gradients, AdamW", gpn * per_rank, "held"))
-    if settings.kl_coef > 0 and settings.offload_reference:
+    if settings.kl_coef > 0 and settings.offload_reference and not adapters:
         host.append(("offloaded reference weights", gpn * states["weights"], "held"))
     if settings.vllm_gpu_memory_utilization and settings.vllm_sleep_mode:
         host.append(("vLLM sleep: weights kept in pinned memory", gpn * vllm_weights, "held"))
@@ -418,20 +439,33 @@ def largest_micro_batch(config: dict, settings: Settings, gpu_bytes: int, limit:
 
 def format_plan(plan: Plan, config: dict, gpu: str = "80GB") -> str:
     s, st = plan.shape, plan.settings
-    parts = {p: numel(parameter_modules(s), p) for p in ("vision", "language", "lm_head")}
+    base = parameter_modules(s)
+    parts = {p: numel(base, p) for p in ("vision", "language", "lm_head")}
+    if st.lora_rank:
+        trained = (f"LoRA r={st.lora_rank} on {','.join(st.lora_target_modules)}: "
+                   f"{plan.trainable_params / 1e6:.1f}M trainable")
+    else:
+        trained = f"{plan.trainable_params / 1e9:.2f}B trainable"
+    reference = "none"
+    if st.kl_coef > 0 and st.lora_rank:  # what the reference row would be: it is the policy, adapters disabled
+        copy = DTYPE_BYTES[st.dtype] * (partition_numel(base, st.world_size) +
+                                        persisted_numel(base, st.param_persistence_threshold))
+        reference = (f"the base model with the adapters disabled (KL {st.kl_coef}; no copy: {gib(copy)} GiB less "
+                     "per GPU)")
+    elif st.kl_coef > 0:
+        reference = f"kept (KL {st.kl_coef})" + (", offloaded" if st.offload_reference else "")
     lines = [f"Memory plan: {plan.name} ({s.family}), {plan.total_params / 1e9:.2f}B parameters (vision "
              f"{parts['vision'] / 1e9:.2f}B, language {parts['language'] / 1e9:.2f}B, lm_head "
              f"{'tied' if s.tied else '%.2fB' % (parts['lm_head'] / 1e9)})",
              f"{st.world_size} GPUs ({st.gpus_per_node} per node x {st.nodes}), ZeRO-3 "
              f"{'with CPU offload' if st.offload else 'without offload'}, {st.dtype}, "
-             f"{plan.trainable_params / 1e9:.2f}B trainable, gradient checkpointing "
+             f"{trained}, gradient checkpointing "
              f"{'on' if st.gradient_checkpointing else 'off'}, {st.attn_implementation}",
              f"micro-batch {st.micro_batch_size} x ({st.prompt_length} prompt + {st.completion_length} completion) "
              f"tokens; images <= {image_tokens(s, st.max_pixels)} tokens ({st.max_pixels} pixels)",
              "vLLM " + (f"{st.vllm_gpu_memory_utilization} of the GPU, sleep mode "
                         f"{'on' if st.vllm_sleep_mode else 'off'}" if st.vllm_gpu_memory_utilization else "off") +
-             f"; reference model {'kept (KL ' + str(st.kl_coef) + ')' if st.kl_coef > 0 else 'none'}"
-             f"{', offloaded' if st.kl_coef > 0 and st.offload_reference else ''}", ""]
+             f"; reference model {reference}", ""]
     phases = plan.phases()
     lines.append(f"{'per GPU (' + gpu + '), GiB':<70}" + "".join(f"{p:>9}" for p in phases))
     for label, values in plan.gpu_rows(GPUS[gpu]):
@@ -440,7 +474,8 @@ def format_plan(plan: Plan, config: dict, gpu: str = "80GB") -> str:
     lines.append(f"  {'total':<68}" + "".join(f"{gib(totals[p]):>9}" for p in phases))
     cpu, gpu_est, _ = plan.estimate
     lines += [f"DeepSpeed estimate_zero3_model_states_mem_needs: {gib(gpu_est)} GiB per GPU, {gib(cpu)} GiB host RAM "
-              "per node (model states only)", "", "host RAM per node, GiB"]
+              "per node (model states only" + (", every parameter trained as without LoRA)" if st.lora_rank else ")"),
+              "", "host RAM per node, GiB"]
     lines += [f"  {label:<68}{gib(n):>9}" for label, n, _ in plan.host]
     lines.append(f"  {'peak while training (all but --resume, at the same time)':<68}{gib(plan.host_peak()):>9}")
     if st.vllm_gpu_memory_utilization:
@@ -464,7 +499,8 @@ def settings_from_args(args, world_size: int, stage: int, gpus_per_node: int | N
                   dtype="bfloat16" if args.dtype == "auto" else args.dtype,
                   gradient_checkpointing=args.gradient_checkpointing, freeze_vision_tower=args.freeze_vision_tower,
                   attn_implementation="flash_attention_2" if args.attn_implementation == "auto"
-                  else args.attn_implementation, param_persistence_threshold=args.zero_param_persistence_threshold)
+                  else args.attn_implementation, param_persistence_threshold=args.zero_param_persistence_threshold,
+                  lora_rank=args.lora_rank, lora_target_modules=parse_targets(args.lora_target_modules))
     if stage == 1:
         return Settings.step1(prompt_length=args.max_length, **common)
     return Settings(prompt_length=args.max_prompt_length, completion_length=args.max_completion_length,
@@ -516,6 +552,9 @@ def parse_args(argv=None):
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--freeze-vision-tower", action="store_true")
     g.add_argument("--attn-implementation", choices=["flash_attention_2", "sdpa"], default="flash_attention_2")
+    g.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA adapters of this rank train, not the model")
+    g.add_argument("--lora-target-modules", default=",".join(LORA_TARGETS),
+                   help="the language model's linear layers with adapters")
     g.add_argument("--entropy-coef", type=float, default=None, help="> 0: the entropy is differentiated (step 2: 1e-3)")
     g = p.add_argument_group("step 2: rollout and reference model")
     g.add_argument("--vllm-gpu-memory-utilization", type=float, default=None, help="0: no vLLM (step 2: 0.4)")
@@ -532,6 +571,8 @@ def main(argv=None):
     for name in ("gpus_per_node", "nodes", "micro_batch_size", "max_pixels", "vllm_tensor_parallel_size"):
         if not getattr(args, name) > 0:
             raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.lora_rank < 0:
+        raise InputError(f"--lora-rank must be >= 0 (0: full fine-tuning), got {args.lora_rank}")
     given = {k: v for k, v in dict(
         prompt_length=args.prompt_length, completion_length=args.completion_length, logits_length=args.logits_length,
         num_generations=args.num_generations, vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
@@ -543,7 +584,9 @@ def main(argv=None):
         dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
         freeze_vision_tower=args.freeze_vision_tower, attn_implementation=args.attn_implementation,
         vllm_sleep_mode=args.vllm_sleep_mode, vllm_tensor_parallel_size=args.vllm_tensor_parallel_size,
-        offload_reference=args.offload_reference, param_persistence_threshold=args.zero_param_persistence_threshold, headroom_gib=args.headroom_gib, **given)
+        offload_reference=args.offload_reference, param_persistence_threshold=args.zero_param_persistence_threshold,
+        headroom_gib=args.headroom_gib, lora_rank=args.lora_rank,
+        lora_target_modules=parse_targets(args.lora_target_modules), **given)
     if not 0 <= settings.vllm_gpu_memory_utilization < 1:
         raise InputError(f"--vllm-gpu-memory-utilization must be in [0, 1), got {settings.vllm_gpu_memory_utilization}")
     name, config = load_config(args.model)

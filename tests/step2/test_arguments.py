@@ -76,6 +76,16 @@ def test_a_valid_configuration_passes():
     check_args(parse_args(VALID + ["--trm-url", "http://judge:8000/v1/chat/completions"]), world_size=2)
 
 
+def test_lora_alpha_defaults_to_twice_the_rank():
+    args = parse_args(VALID + ["--lora-rank", "8"])
+    check_args(args, world_size=2)
+    assert (args.lora_rank, args.lora_alpha, args.lora_dropout) == (8, 16.0, 0.0)
+    assert args.lora_target_modules == "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    args = parse_args(VALID)
+    check_args(args, world_size=2)
+    assert args.lora_rank == 0 and not args.lora_save_adapter
+
+
 def test_the_grpo_baseline_needs_no_trm_url():
     argv = REQUIRED + ["--variant", "grpo", "--rollout-batch-size", "4", "--num-generations", "2",
                        "--micro-batch-size", "2"]
@@ -107,6 +117,14 @@ def test_the_grpo_baseline_needs_no_trm_url():
     (["--trm-max-retries", "-1"], 2, "--trm-max-retries"),
     (["--trm-max-images", "-1"], 2, "--trm-max-images"),
     (["--alpha", "-0.3"], 2, "--alpha"),
+    (["--lora-rank", "-1"], 2, "--lora-rank"),
+    (["--lora-rank", "8", "--lora-alpha", "0"], 2, "--lora-alpha"),
+    (["--lora-rank", "8", "--lora-dropout", "1"], 2, "--lora-dropout"),
+    (["--lora-rank", "8", "--lora-target-modules", " , "], 2, "--lora-target-modules"),
+    (["--lora-save-adapter"], 2, "--lora-save-adapter need LoRA"),
+    (["--lora-dropout", "0.1"], 2, "--lora-dropout need LoRA"),
+    (["--offload-reference", "--kl-coef", "0"], 2, "--offload-reference: --kl-coef 0"),
+    (["--offload-reference", "--lora-rank", "8"], 2, "--offload-reference: with --lora-rank"),
 ])
 def test_bad_flags_are_rejected_naming_the_flag(extra, world_size, flag):
     with pytest.raises(InputError, match=flag):

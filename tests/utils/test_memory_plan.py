@@ -130,6 +130,67 @@ def test_model_states_equal_what_a_real_zero3_engine_allocates(process_group, ti
     assert sum(nbytes(t) for t in moments) == plan.states["adam"]
 
 
+def lora_args(rank, targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"):
+    return types.SimpleNamespace(lora_rank=rank, lora_alpha=2.0 * rank, lora_dropout=0.0, lora_target_modules=targets,
+                                 model_path="config")
+
+
+@pytest.mark.parametrize("name, targets", [("qwen2.5-vl-7b-instruct", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                                            "down_proj"), ("qwen3-vl-8b-instruct", "q_proj,v_proj")])
+def test_lora_adapters_count_what_peft_adds_to_the_release(name, targets):
+    from sophiavl.utils.lora import add_adapters
+
+    _, config = mp.load_config(name)
+    model = build(config, device="meta")
+    add_adapters(model, lora_args(64, targets), seed=0)
+    plan = mp.make_plan(config, mp.Settings(lora_rank=64, lora_target_modules=tuple(targets.split(","))))
+    adapters = [p for p in unique_params(model) if p.requires_grad]
+    assert plan.trainable_params == sum(p.numel() for p in adapters) == mp.numel(
+        mp.lora_modules(plan.shape, 64, targets.split(",")))
+    assert plan.total_params == PUBLIC_TOTALS[name]  # the base model: what vLLM, the export and the reference hold
+    assert "reference model" not in [label.split(",")[0] for label, _ in plan.rows]
+
+
+def test_lora_model_states_equal_what_a_real_zero3_engine_allocates(process_group):
+    """The adapters made after the model, converted and partitioned by deepspeed.initialize, as LoRA runs them."""
+    from sophiavl.utils.lora import add_adapters
+
+    config = release_config(False)
+    model = build(config, torch.bfloat16)
+    add_adapters(model, lora_args(8), seed=0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=zero3_train_config(
+        micro_batch_size=1, gradient_accumulation_steps=1, world_size=1, bf16=True, param_persistence_threshold=0))
+    plan = mp.make_plan(config, mp.Settings(gpus_per_node=1, lora_rank=8, param_persistence_threshold=0))
+    zero, nbytes = engine.optimizer, (lambda t: t.numel() * t.element_size())
+    params = list(engine.module.parameters())
+    assert sum(p.ds_numel for p in params if not p.requires_grad) == plan.total_params
+    assert sum(p.ds_tensor.ds_numel for p in params) == plan.states["partition_elements"]
+    assert sum(nbytes(p.ds_tensor) for p in params) == plan.states["weights"]
+    assert sum(t.numel() for t in zero.fp32_partitioned_groups_flat) == plan.trainable_params == \
+        sum(p.ds_numel for p in params if p.requires_grad)
+    assert sum(nbytes(t) for t in zero.fp32_partitioned_groups_flat) == plan.states["master"]
+    assert nbytes(zero.grad_partitions_flat_buffer) == plan.states["gradients"]
+
+
+def test_lora_plans_no_reference_copy_and_says_what_that_saves():
+    _, config = mp.load_config("qwen2.5-vl-7b-instruct")
+    full = mp.make_plan(config, mp.Settings(gradient_checkpointing=True))
+    lora = mp.make_plan(config, mp.Settings(gradient_checkpointing=True, lora_rank=64))
+    rows = {label: values for label, values in lora.rows}
+    assert "reference model, partition" in dict(full.rows) and "reference model, partition" not in rows
+    adapters = mp.partition_numel(mp.lora_modules(lora.shape, 64, mp.LORA_TARGETS), 8)
+    assert lora.states["weights"] - full.states["weights"] == 2 * adapters  # the adapters, in bf16, partitioned
+    assert lora.states["master"] == 4 * adapters and lora.states["adam"] == 8 * adapters
+    assert rows["activations, vision tower (1 image(s), 5120 patches)"]["update"] == 0  # frozen: nothing kept
+    text = mp.format_plan(lora, config)
+    saved = mp.gib(dict(full.rows)["reference model, partition"]["update"])
+    assert f"reference model the base model with the adapters disabled (KL 0.04; no copy: {saved} GiB less" in text
+    assert "161.5M trainable" in text
+    with pytest.raises(mp.InputError, match="--lora-target-modules qkv: the plan knows"):
+        mp.make_plan(config, mp.Settings(lora_rank=8, lora_target_modules=("qkv",)))
+
+
 def test_deepspeed_estimator_numbers_are_its_own():
     _, config = mp.load_config("qwen2.5-vl-7b-instruct")
     plan = mp.make_plan(config, mp.Settings(gpus_per_node=8))
@@ -289,6 +350,10 @@ def test_stage_command_lines_map_onto_the_plan(monkeypatch):
                        "--micro-batch-size", "2", "--freeze-vision-tower", "--attn-implementation", "sdpa"])
     assert mp.settings_from_args(args, 8, stage=1) == mp.Settings.step1(
         prompt_length=4096, micro_batch_size=2, freeze_vision_tower=True, attn_implementation="sdpa")
+    args = step1_args(["--model-path", "m", "--train-data", "t.jsonl", "--output-dir", "o", "--lora-rank", "16",
+                       "--lora-target-modules", "q_proj,v_proj"])
+    assert mp.settings_from_args(args, 8, stage=1) == mp.Settings.step1(lora_rank=16,
+                                                                         lora_target_modules=("q_proj", "v_proj"))
 
 
 def test_plan_flag_of_the_stages_prints_the_plan_and_exits(monkeypatch, capsys, tmp_path):
