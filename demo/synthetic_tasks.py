@@ -3,7 +3,9 @@
 One task per problem type, drawn on 112x112 images with PIL: the colour of a big shape
 (multiple choice), counting 1-4 large squares (numerical), a 1-3 letter word in big glyphs
 (OCR), naming one shape "red circle" (free-form), one-digit sums (text only). Each row also
-carries `reasoning`: the correct short steps, from which thinking traces are built.
+carries `reasoning`: the correct short steps, from which thinking traces are built, and `facts`: what the
+image and question hold (the colour, the squares, the operands, ...), from which the oracle judge
+(demo/trace_quality.py) checks any trace.
 Everything depends only on (seed, split, index), so a build is reproducible byte for byte.
 """
 import functools
@@ -72,7 +74,8 @@ def colour_task(rng: random.Random) -> tuple[dict, Image.Image]:
     image, draw = _blank()
     _draw_shape(draw, shape, colour, rng)
     letter = COLOUR_OPTIONS[list(COLOURS).index(colour)][0]
-    row = _row("What colour is the shape?", "multiple choice", letter, colour_reasoning(colour), "colour")
+    row = _row("What colour is the shape?", "multiple choice", letter, colour_reasoning(colour), "colour",
+               {"colour": colour, "background": "white"})
     row["options"] = list(COLOUR_OPTIONS)
     return row, image
 
@@ -88,7 +91,8 @@ def counting_task(rng: random.Random) -> tuple[dict, Image.Image]:
         left = column * 56 + rng.randint(4, 52 - size)
         top = line * 56 + rng.randint(4, 52 - size)
         draw.rectangle((left, top, left + size, top + size), fill=(30, 30, 30))
-    row = _row("How many squares are there?", "numerical", str(count), counting_reasoning(positions), "count")
+    row = _row("How many squares are there?", "numerical", str(count), counting_reasoning(positions), "count",
+               {"squares": positions})
     return row, image
 
 
@@ -97,7 +101,7 @@ def word_task(rng: random.Random) -> tuple[dict, Image.Image]:
     image, draw = _blank()
     centre = (IMAGE_SIZE // 2 + rng.randint(-6, 6), IMAGE_SIZE // 2 + rng.randint(-6, 6))
     draw.text(centre, word, fill=(0, 0, 0), font=_font(rng.randint(38, 44)), anchor="mm")
-    row = _row("What word is written in the image?", "OCR", word, word_reasoning(word), "word")
+    row = _row("What word is written in the image?", "OCR", word, word_reasoning(word), "word", {"word": word})
     return row, image
 
 
@@ -105,19 +109,20 @@ def description_task(rng: random.Random) -> tuple[dict, Image.Image]:
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
     image, draw = _blank()
     _draw_shape(draw, shape, colour, rng)
-    row = _row("Describe the shape.", "free-form", f"{colour} {shape}", description_reasoning(colour, shape), "describe")
+    row = _row("Describe the shape.", "free-form", f"{colour} {shape}", description_reasoning(colour, shape), "describe",
+               {"colour": colour, "shape": shape})
     return row, image
 
 
 def arithmetic_task(rng: random.Random) -> tuple[dict, None]:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
-    return _row(f"What is {a} + {b}?", "text", str(a + b), arithmetic_reasoning(a, b), "arithmetic"), None
+    return _row(f"What is {a} + {b}?", "text", str(a + b), arithmetic_reasoning(a, b), "arithmetic", {"a": a, "b": b}), None
 
 
 TASKS = (colour_task, counting_task, word_task, description_task, arithmetic_task)
 
 
-def _row(problem: str, problem_type: str, answer: str, reasoning: list[str], source: str) -> dict:
+def _row(problem: str, problem_type: str, answer: str, reasoning: list[str], source: str, facts: dict) -> dict:
     return {
         "problem": problem,
         "data_type": "text" if problem_type == "text" else "image",
@@ -126,6 +131,7 @@ def _row(problem: str, problem_type: str, answer: str, reasoning: list[str], sou
         "solution": f"<answer>{answer}</answer>",
         "data_source": f"tiny_synthetic/{source}",
         "reasoning": reasoning,
+        "facts": facts,
     }
 
 
@@ -141,6 +147,6 @@ def make_rows(num_rows: int, seed: int, split: str) -> list[tuple[dict, Image.Im
         path = f"{name}.png" if image is not None else ""
         columns = ("problem", "data_type", "problem_type", "options", "solution")
         ordered = {"problem_id": name, **{key: row[key] for key in columns}, "path": path,
-                   "data_source": row["data_source"], "reasoning": row["reasoning"]}
+                   "data_source": row["data_source"], "reasoning": row["reasoning"], "facts": row["facts"]}
         pairs.append((ordered, image))
     return pairs
