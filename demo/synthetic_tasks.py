@@ -28,8 +28,8 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)  # Pillow's bundled font: nothing to download
 
 
-def _blank() -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+def _blank(background=BACKGROUND) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
     return image, ImageDraw.Draw(image)
 
 
@@ -69,7 +69,7 @@ def arithmetic_reasoning(a: int, b: int) -> list[str]:
     return [f"{a} plus {b} is {a + b}"]
 
 
-def colour_task(rng: random.Random) -> tuple[dict, Image.Image]:
+def colour_task(rng: random.Random, held_out: bool = False) -> tuple[dict, Image.Image]:
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
     image, draw = _blank()
     _draw_shape(draw, shape, colour, rng)
@@ -80,7 +80,7 @@ def colour_task(rng: random.Random) -> tuple[dict, Image.Image]:
     return row, image
 
 
-def counting_task(rng: random.Random) -> tuple[dict, Image.Image]:
+def counting_task(rng: random.Random, held_out: bool = False) -> tuple[dict, Image.Image]:
     count = rng.randint(1, 4)
     chosen = set(rng.sample(list(SQUARE_CELLS), count))
     positions = [name for name in SQUARE_CELLS if name in chosen]  # reading order
@@ -96,7 +96,7 @@ def counting_task(rng: random.Random) -> tuple[dict, Image.Image]:
     return row, image
 
 
-def word_task(rng: random.Random) -> tuple[dict, Image.Image]:
+def word_task(rng: random.Random, held_out: bool = False) -> tuple[dict, Image.Image]:
     word = rng.choice(WORDS)
     image, draw = _blank()
     centre = (IMAGE_SIZE // 2 + rng.randint(-6, 6), IMAGE_SIZE // 2 + rng.randint(-6, 6))
@@ -105,7 +105,7 @@ def word_task(rng: random.Random) -> tuple[dict, Image.Image]:
     return row, image
 
 
-def description_task(rng: random.Random) -> tuple[dict, Image.Image]:
+def description_task(rng: random.Random, held_out: bool = False) -> tuple[dict, Image.Image]:
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
     image, draw = _blank()
     _draw_shape(draw, shape, colour, rng)
@@ -114,12 +114,12 @@ def description_task(rng: random.Random) -> tuple[dict, Image.Image]:
     return row, image
 
 
-def arithmetic_task(rng: random.Random) -> tuple[dict, None]:
+def arithmetic_task(rng: random.Random, held_out: bool = False) -> tuple[dict, None]:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     return _row(f"What is {a} + {b}?", "text", str(a + b), arithmetic_reasoning(a, b), "arithmetic", {"a": a, "b": b}), None
 
 
-TASKS = (colour_task, counting_task, word_task, description_task, arithmetic_task)
+TASKS = (colour_task, counting_task, word_task, description_task, arithmetic_task)  # the same in every split
 
 
 def _row(problem: str, problem_type: str, answer: str, reasoning: list[str], source: str, facts: dict) -> dict:
@@ -135,18 +135,20 @@ def _row(problem: str, problem_type: str, answer: str, reasoning: list[str], sou
     }
 
 
-def make_rows(num_rows: int, seed: int, split: str) -> list[tuple[dict, Image.Image | None]]:
-    """`num_rows` (row, image) pairs cycling through the five task types. problem_id is
-    "<split>_<index>"; image rows get path "<problem_id>.png" (relative to the image folder),
+def make_rows(num_rows: int, seed: int, split: str, tasks=TASKS) -> list[tuple[dict, Image.Image | None]]:
+    """`num_rows` (row, image) pairs cycling through `tasks` (the five task types by default; a world of
+    demo/shortcut_tasks.py). Splits other than "train" are held out (where a shortcut family's shortcut breaks).
+    problem_id is "<split>_<index>"; image rows get path "<problem_id>.png" (relative to the image folder),
     text rows path ""."""
     pairs = []
     for index in range(num_rows):
         rng = random.Random(f"tiny-{split}-{seed}-{index}")  # str seeds hash stably across runs
-        row, image = TASKS[index % len(TASKS)](rng)
+        row, image = tasks[index % len(tasks)](rng, split != "train")
         name = f"{split}_{index:05d}"  # unique across splits, so train and test can be loaded together
         path = f"{name}.png" if image is not None else ""
         columns = ("problem", "data_type", "problem_type", "options", "solution")
         ordered = {"problem_id": name, **{key: row[key] for key in columns}, "path": path,
-                   "data_source": row["data_source"], "reasoning": row["reasoning"], "facts": row["facts"]}
+                   "data_source": row["data_source"], "reasoning": row["reasoning"], "facts": row["facts"],
+                   **({"shortcut": row["shortcut"]} if "shortcut" in row else {})}
         pairs.append((ordered, image))
     return pairs

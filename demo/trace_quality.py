@@ -73,6 +73,7 @@ CLAIMS = {
 }
 FAMILY_CLAIMS = {"colour": ("shape_colour", "background", "option"), "count": ("square", "count"),
                  "word": ("letters", "spell"), "describe": ("colour", "shape"), "arithmetic": ("sum", "student", "so_sum")}
+FAMILY_CLAIMS.update(tint=FAMILY_CLAIMS["colour"], hint_sum=FAMILY_CLAIMS["arithmetic"])  # demo/shortcut_tasks.py
 NEGATIONS = ((" is not ", " is "), (" are not ", " are "), (" does not make ", " makes "), (" do not spell ", " spell "))
 # The combination rule, in tenths off a perfect 1.0 (clamped at 0): the penalties of demo/trm_traces.py where the
 # flaw is the same (extraneous 1, repetition 1 a copy, language 3, unsupported answer 7, wrong fact 5).
