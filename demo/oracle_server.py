@@ -93,6 +93,8 @@ class OracleServer:
         oracle = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: annotate.py's client reuses its connections
+
             def log_message(self, *args):
                 pass
 
