@@ -25,8 +25,8 @@ from sophiavl.utils.cli import InputError, exit_on_input_error
 from sophiavl.utils.data import load_rows, open_images
 from sophiavl.utils.prompts import TRM_PROMPT, format_question
 
-PROMPT_HEAD, rest = TRM_PROMPT.split("{question}")
-PROMPT_MIDDLE, PROMPT_TAIL = rest.split("{response}")
+PROMPT_HEAD, _after_question = TRM_PROMPT.split("{question}")
+PROMPT_MIDDLE, PROMPT_TAIL = _after_question.split("{response}")
 
 
 def pixels_key(image: Image.Image) -> str:

@@ -158,6 +158,10 @@ def parse_args(argv=None):
     p.add_argument("--conditions", nargs="+", choices=list(CONDITIONS), default=["trained"])
     add_arguments(p)
     args = p.parse_args(argv)
+    check_arguments(p, args)
+    registry = os.path.join(args.assets, "data", "dataset_info.json")
+    if not os.path.isfile(registry) or not os.path.isfile(os.path.join(args.policy, "config.json")):
+        p.error(f"--assets needs {registry} and --policy a model folder (config.json)")
     args.force, args.deployment_type = False, "tiny"  # what utils.pipeline reads
     return args
 
@@ -170,6 +174,11 @@ def add_arguments(p) -> None:
     g.add_argument("--heldout-fraction", type=float, default=0.15, help="prompts whose rollouts are held out")
     g.add_argument("--heldout-max", type=int, default=600, help="most distinct held-out completions evaluated")
     g.add_argument("--step1-extra", default="", help="extra flags for step 1's main.py, e.g. '--max-steps 20'")
+
+
+def check_arguments(p, args) -> None:
+    if min(args.source_steps, args.every_steps, args.heldout_max) < 1 or not 0 < args.heldout_fraction < 1:
+        p.error("--source-steps, --every-steps and --heldout-max must be >= 1, --heldout-fraction in (0, 1)")
 
 
 def main(argv=None) -> int:

@@ -59,6 +59,7 @@ def parse_args(argv=None):
         p.error("--key-seeds, --other-seeds and --step2-steps must be >= 1")
     if not 0 <= args.shortcut_fraction <= 1:
         p.error("--shortcut-fraction must be in [0, 1]")
+    annotated_trm.check_arguments(p, args)
     args.seed, args.force, args.deployment_type, args.world = 0, False, "tiny", "shortcut"  # what utils.pipeline reads
     return args
 
@@ -98,8 +99,10 @@ def run_all(pipeline: Pipeline, args) -> None:
 
     pending = [(arm, seed) for arm, seed in plan if not finished(arm, seed)]
     print(f"{len(plan) - len(pending)} of {len(plan)} runs done already; {len(pending)} to go", flush=True)
-    for condition, runs in groupby(pending, key=lambda run: ARMS[run[0]][1]):
-        def run_each(trm_url, runs=list(runs)):
+    for condition, group in groupby(pending, key=lambda run: ARMS[run[0]][1]):
+        runs = list(group)
+
+        def run_each(trm_url, runs=runs):
             for arm, seed in runs:
                 step2_and_eval(pipeline, registry, arm, seed, trm_url, max_images, args)
 
@@ -122,6 +125,9 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print("interrupted; run the same command again to continue", file=sys.stderr)
             return 130
+    if not os.path.exists(pipeline.path("step3_before", "summary.json")):
+        print(f"error: nothing to report yet in {pipeline.out} (no step3_before/)", file=sys.stderr)
+        return 2
     shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     command = shlex.join(["python", "experiments/shortcut_ablations.py", *shown])
     shortcut_report.write(pipeline.out, args.doc, planned_runs(args), command)
