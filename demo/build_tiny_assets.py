@@ -1,10 +1,11 @@
 """Build the tiny demo assets: synthetic tasks in SophiaVL-R1-130k format and a random-init tiny Qwen2.5-VL.
 
-    python demo/build_tiny_assets.py --out DIR [--seed 0] [--num-train 2000] [--num-test 200] [--force]
+    python demo/build_tiny_assets.py --out DIR [--seed 0] [--num-train 2000] [--num-test 200] [--world default] [--force]
 
 writes DIR/data/images/*.png, DIR/data/tiny_train.json, DIR/data/tiny_test.json,
 DIR/data/dataset_info.json (datasets tiny_train and tiny_test) and DIR/model (model, tokenizer,
-processor). A second run with the same arguments finds everything in place and does nothing.
+processor). A second run with the same arguments finds everything in place and does nothing. --world shortcut:
+the task families of demo/shortcut_tasks.py (a shortcut that pays on tiny_train and breaks on tiny_test).
 """
 import argparse
 import json
@@ -12,6 +13,7 @@ import os
 import shutil
 import time
 
+from sophiavl.demo.shortcut_tasks import WORLDS
 from sophiavl.demo.synthetic_tasks import make_rows
 from sophiavl.demo.tiny_model import build_tiny_model
 from sophiavl.utils import prompts
@@ -46,17 +48,18 @@ def task_texts(rows: list[dict]) -> list[str]:
     texts = ["<image> "]  # the TRM's question prefix for image rows
     for row in rows:
         texts += [row["problem"], "; ".join(row["options"]), row["solution"], ". ".join(row["reasoning"])]
+        texts += [". ".join(row["shortcut"]["reasoning"])] if "shortcut" in row else []
     return texts
 
 
-def write_data(paths: dict, seed: int, num_train: int, num_test: int) -> dict:
+def write_data(paths: dict, seed: int, num_train: int, num_test: int, world: str = "default") -> dict:
     """Render the images and write the two splits and the registry. Returns {split: rows}."""
     shutil.rmtree(paths["images"], ignore_errors=True)  # no stale images from an earlier build
     os.makedirs(paths["images"])
     splits = {}
     for split, count in (("train", num_train), ("test", num_test)):
         rows = []
-        for row, image in make_rows(count, seed, split):
+        for row, image in make_rows(count, seed, split, WORLDS[world]):
             if image is not None:
                 image.save(os.path.join(paths["images"], row["path"]))
             rows.append(row)
@@ -80,17 +83,18 @@ def is_built(paths: dict, build_args: dict) -> bool:
         return json.load(f) == build_args
 
 
-def build(out_dir: str, seed: int = 0, num_train: int = 2000, num_test: int = 200, force: bool = False) -> dict:
+def build(out_dir: str, seed: int = 0, num_train: int = 2000, num_test: int = 200, force: bool = False,
+          world: str = "default") -> dict:
     """Build (or find already built) the tiny assets under `out_dir`; returns their paths."""
     if num_train < 1 or num_test < 1:
         raise InputError(f"--num-train {num_train} / --num-test {num_test}: both must be at least 1")
     paths = asset_paths(out_dir)
-    build_args = {"seed": seed, "num_train": num_train, "num_test": num_test}
+    build_args = {"seed": seed, "num_train": num_train, "num_test": num_test, "world": world}
     if not force and is_built(paths, build_args):
         return paths
     if os.path.exists(paths["build_args"]):
         os.remove(paths["build_args"])  # an interrupted rebuild must not look finished
-    splits = write_data(paths, seed, num_train, num_test)
+    splits = write_data(paths, seed, num_train, num_test, world)
     corpus = task_texts(splits["train"] + splits["test"])
     build_tiny_model(paths["model"], corpus, seed=seed, fixed_texts=fixed_prompt_texts())
     with open(paths["build_args"], "w") as f:
@@ -104,6 +108,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-test", type=int, default=200)
+    parser.add_argument("--world", choices=list(WORLDS), default="default",
+                        help="shortcut: demo/shortcut_tasks.py's families, whose shortcut breaks on tiny_test")
     parser.add_argument("--force", action="store_true", help="rebuild even when the assets exist")
     return parser.parse_args(argv)
 
@@ -113,8 +119,9 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.time()
     paths = asset_paths(args.out)
-    already = not args.force and is_built(paths, {"seed": args.seed, "num_train": args.num_train, "num_test": args.num_test})
-    build(args.out, seed=args.seed, num_train=args.num_train, num_test=args.num_test, force=args.force)
+    build_args = {"seed": args.seed, "num_train": args.num_train, "num_test": args.num_test, "world": args.world}
+    already = not args.force and is_built(paths, build_args)
+    build(args.out, force=args.force, **build_args)
     if already:
         print(f"tiny assets already built in {args.out} (use --force to rebuild)")
         return

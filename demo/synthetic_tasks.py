@@ -3,7 +3,9 @@
 One task per problem type, drawn on 112x112 images with PIL: the colour of a big shape
 (multiple choice), counting 1-4 large squares (numerical), a 1-3 letter word in big glyphs
 (OCR), naming one shape "red circle" (free-form), one-digit sums (text only). Each row also
-carries `reasoning`: the correct short steps, from which thinking traces are built.
+carries `reasoning`: the correct short steps, from which thinking traces are built, and `facts`: what the
+image and question hold (the colour, the squares, the operands, ...), from which the oracle judge
+(demo/trace_quality.py) checks any trace.
 Everything depends only on (seed, split, index), so a build is reproducible byte for byte.
 """
 import functools
@@ -26,8 +28,8 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)  # Pillow's bundled font: nothing to download
 
 
-def _blank() -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+def _blank(background=BACKGROUND) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
     return image, ImageDraw.Draw(image)
 
 
@@ -67,17 +69,18 @@ def arithmetic_reasoning(a: int, b: int) -> list[str]:
     return [f"{a} plus {b} is {a + b}"]
 
 
-def colour_task(rng: random.Random) -> tuple[dict, Image.Image]:
+def colour_task(rng: random.Random, held_out: bool = False) -> tuple[dict, Image.Image]:
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
     image, draw = _blank()
     _draw_shape(draw, shape, colour, rng)
     letter = COLOUR_OPTIONS[list(COLOURS).index(colour)][0]
-    row = _row("What colour is the shape?", "multiple choice", letter, colour_reasoning(colour), "colour")
+    row = _row("What colour is the shape?", "multiple choice", letter, colour_reasoning(colour), "colour",
+               {"colour": colour, "background": "white"})
     row["options"] = list(COLOUR_OPTIONS)
     return row, image
 
 
-def counting_task(rng: random.Random) -> tuple[dict, Image.Image]:
+def counting_task(rng: random.Random, held_out: bool = False) -> tuple[dict, Image.Image]:
     count = rng.randint(1, 4)
     chosen = set(rng.sample(list(SQUARE_CELLS), count))
     positions = [name for name in SQUARE_CELLS if name in chosen]  # reading order
@@ -88,36 +91,38 @@ def counting_task(rng: random.Random) -> tuple[dict, Image.Image]:
         left = column * 56 + rng.randint(4, 52 - size)
         top = line * 56 + rng.randint(4, 52 - size)
         draw.rectangle((left, top, left + size, top + size), fill=(30, 30, 30))
-    row = _row("How many squares are there?", "numerical", str(count), counting_reasoning(positions), "count")
+    row = _row("How many squares are there?", "numerical", str(count), counting_reasoning(positions), "count",
+               {"squares": positions})
     return row, image
 
 
-def word_task(rng: random.Random) -> tuple[dict, Image.Image]:
+def word_task(rng: random.Random, held_out: bool = False) -> tuple[dict, Image.Image]:
     word = rng.choice(WORDS)
     image, draw = _blank()
     centre = (IMAGE_SIZE // 2 + rng.randint(-6, 6), IMAGE_SIZE // 2 + rng.randint(-6, 6))
     draw.text(centre, word, fill=(0, 0, 0), font=_font(rng.randint(38, 44)), anchor="mm")
-    row = _row("What word is written in the image?", "OCR", word, word_reasoning(word), "word")
+    row = _row("What word is written in the image?", "OCR", word, word_reasoning(word), "word", {"word": word})
     return row, image
 
 
-def description_task(rng: random.Random) -> tuple[dict, Image.Image]:
+def description_task(rng: random.Random, held_out: bool = False) -> tuple[dict, Image.Image]:
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
     image, draw = _blank()
     _draw_shape(draw, shape, colour, rng)
-    row = _row("Describe the shape.", "free-form", f"{colour} {shape}", description_reasoning(colour, shape), "describe")
+    row = _row("Describe the shape.", "free-form", f"{colour} {shape}", description_reasoning(colour, shape), "describe",
+               {"colour": colour, "shape": shape})
     return row, image
 
 
-def arithmetic_task(rng: random.Random) -> tuple[dict, None]:
+def arithmetic_task(rng: random.Random, held_out: bool = False) -> tuple[dict, None]:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
-    return _row(f"What is {a} + {b}?", "text", str(a + b), arithmetic_reasoning(a, b), "arithmetic"), None
+    return _row(f"What is {a} + {b}?", "text", str(a + b), arithmetic_reasoning(a, b), "arithmetic", {"a": a, "b": b}), None
 
 
-TASKS = (colour_task, counting_task, word_task, description_task, arithmetic_task)
+TASKS = (colour_task, counting_task, word_task, description_task, arithmetic_task)  # the same in every split
 
 
-def _row(problem: str, problem_type: str, answer: str, reasoning: list[str], source: str) -> dict:
+def _row(problem: str, problem_type: str, answer: str, reasoning: list[str], source: str, facts: dict) -> dict:
     return {
         "problem": problem,
         "data_type": "text" if problem_type == "text" else "image",
@@ -126,21 +131,24 @@ def _row(problem: str, problem_type: str, answer: str, reasoning: list[str], sou
         "solution": f"<answer>{answer}</answer>",
         "data_source": f"tiny_synthetic/{source}",
         "reasoning": reasoning,
+        "facts": facts,
     }
 
 
-def make_rows(num_rows: int, seed: int, split: str) -> list[tuple[dict, Image.Image | None]]:
-    """`num_rows` (row, image) pairs cycling through the five task types. problem_id is
-    "<split>_<index>"; image rows get path "<problem_id>.png" (relative to the image folder),
+def make_rows(num_rows: int, seed: int, split: str, tasks=TASKS) -> list[tuple[dict, Image.Image | None]]:
+    """`num_rows` (row, image) pairs cycling through `tasks` (the five task types by default; a world of
+    demo/shortcut_tasks.py). Splits other than "train" are held out (where a shortcut family's shortcut breaks).
+    problem_id is "<split>_<index>"; image rows get path "<problem_id>.png" (relative to the image folder),
     text rows path ""."""
     pairs = []
     for index in range(num_rows):
         rng = random.Random(f"tiny-{split}-{seed}-{index}")  # str seeds hash stably across runs
-        row, image = TASKS[index % len(TASKS)](rng)
+        row, image = tasks[index % len(tasks)](rng, split != "train")
         name = f"{split}_{index:05d}"  # unique across splits, so train and test can be loaded together
         path = f"{name}.png" if image is not None else ""
         columns = ("problem", "data_type", "problem_type", "options", "solution")
         ordered = {"problem_id": name, **{key: row[key] for key in columns}, "path": path,
-                   "data_source": row["data_source"], "reasoning": row["reasoning"]}
+                   "data_source": row["data_source"], "reasoning": row["reasoning"], "facts": row["facts"],
+                   **({"shortcut": row["shortcut"]} if "shortcut" in row else {})}
         pairs.append((ordered, image))
     return pairs

@@ -126,10 +126,11 @@ def unwrap_answer(answer: str) -> str:
     return (match.group(1) if match else answer).strip()
 
 
-def read_reasoning(registry_file: str, data_path: str) -> dict:
-    """problem_id -> correct reasoning steps, read from the raw task files (load_rows keeps no extra columns)."""
+def read_raw_rows(registry_file: str, data_path: str) -> dict:
+    """problem_id -> the task row as its file holds it, `reasoning` and `facts` included (load_rows keeps no extra
+    columns)."""
     registry = load_registry(registry_file)
-    reasoning = {}
+    rows = {}
     for name in (n.strip() for n in data_path.split(",") if n.strip()):
         if name not in registry:
             raise InputError(f"{registry_file}: unknown dataset {name!r}")
@@ -137,10 +138,18 @@ def read_reasoning(registry_file: str, data_path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             records = json.load(f) if path.endswith(".json") else [json.loads(line) for line in f if line.strip()]
         for index, record in enumerate(records):
-            steps = record.get("reasoning")
-            if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s for s in steps):
-                raise InputError(f"{path}: row {index}: no 'reasoning' list of steps (synthetic task rows carry one)")
-            reasoning[str(record.get("problem_id", f"{name}:{index}"))] = steps
+            rows[str(record.get("problem_id", f"{name}:{index}"))] = {**record, "where": f"{path}: row {index}"}
+    return rows
+
+
+def read_reasoning(registry_file: str, data_path: str) -> dict:
+    """problem_id -> correct reasoning steps, read from the raw task files."""
+    reasoning = {}
+    for problem_id, record in read_raw_rows(registry_file, data_path).items():
+        steps = record.get("reasoning")
+        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s for s in steps):
+            raise InputError(f"{record['where']}: no 'reasoning' list of steps (synthetic task rows carry one)")
+        reasoning[problem_id] = steps
     return reasoning
 
 

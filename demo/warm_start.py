@@ -5,7 +5,9 @@ A random-init model cannot reason, so before RL the tiny run teaches it the
 `--correct-fraction` of the time and otherwise wrong in a *systematic* way (red -> green,
 3 -> 4, 6 + 3 -> 10, ...): the model then keeps real probability on the right answer while greedy
 decoding prefers the wrong one, which is what gives GRPO something to fix. Labels wrong at
-random leave RL nothing to gain (docs/cpu_notes.md).
+random leave RL nothing to gain (docs/cpu_notes.md). On the shortcut families (demo/shortcut_tasks.py) the
+target is the shortcut's trace ("the background is red. red is option A") `--shortcut-fraction` of the time,
+so the policy starts out using the shortcut often.
 
     python demo/warm_start.py --model DIR/model --train DIR/data/tiny_train.json --output OUT
 """
@@ -35,7 +37,7 @@ def answer_of(row: dict) -> str:
 def confused(row: dict) -> tuple[list[str], str]:
     """The task's systematic mistake: (reasoning, answer) that look sound but are wrong."""
     kind, answer = row["data_source"].split("/")[-1], answer_of(row)
-    if kind == "colour":
+    if kind in ("colour", "tint"):
         colour = COLOUR_SLIP[row["reasoning"][0].split()[-1]]
         return tasks.colour_reasoning(colour), tasks.COLOUR_OPTIONS[list(tasks.COLOURS).index(colour)][0]
     if kind == "count":
@@ -47,12 +49,17 @@ def confused(row: dict) -> tuple[list[str], str]:
     if kind == "describe":
         colour, shape = answer.split()
         return tasks.description_reasoning(COLOUR_SLIP[colour], shape), f"{COLOUR_SLIP[colour]} {shape}"
-    a, b = (int(x) for x in row["problem"].removeprefix("What is ").removesuffix("?").split(" + "))
+    a, b = (int(x) for x in row["problem"].removeprefix("What is ").split("?")[0].split(" + "))  # arithmetic, hint_sum
     return [f"{a} plus {b} is {a + b + 1}"], str(a + b + 1)
 
 
-def target_text(row: dict, rng: random.Random, correct_fraction: float) -> str:
-    reasoning, answer = (row["reasoning"], answer_of(row)) if rng.random() < correct_fraction else confused(row)
+def target_text(row: dict, rng: random.Random, correct_fraction: float, shortcut_fraction: float = 0.0) -> str:
+    if "shortcut" in row and rng.random() < shortcut_fraction:
+        reasoning, answer = row["shortcut"]["reasoning"], row["shortcut"]["answer"]
+    elif rng.random() < correct_fraction:
+        reasoning, answer = row["reasoning"], answer_of(row)
+    else:
+        reasoning, answer = confused(row)
     return f"<think>{'. '.join(reasoning)}.</think><answer>{answer}</answer>"
 
 
@@ -84,6 +91,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--correct-fraction", type=float, default=0.45)
+    parser.add_argument("--shortcut-fraction", type=float, default=0.0,
+                        help="on rows with a shortcut (demo/shortcut_tasks.py): how often the target is its trace")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -104,7 +113,7 @@ def main(argv=None):
     for _ in progress:
         picks = rng.choices(range(len(rows)), k=args.batch_size)
         batch = sft_batch(processor, [rows[i] for i in picks], [images[i] for i in picks],
-                          [target_text(rows[i], rng, args.correct_fraction) for i in picks])
+                          [target_text(rows[i], rng, args.correct_fraction, args.shortcut_fraction) for i in picks])
         loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -249,6 +249,19 @@ def write(out: str, doc: str, arms: dict, plan: list, run_dir, command: str, not
     if notes and os.path.exists(notes):
         with open(notes) as f:
             lines += ["", f.read().strip()]
-    with open(doc, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    replace_block(doc, "experiments/ablations.py", "\n".join(lines))
     return figures
+
+
+def replace_block(doc: str, name: str, text: str) -> None:
+    """Write `text` into `doc` between the lines <!-- begin NAME --> and <!-- end NAME --> (a new block at the end
+    when there is none), leaving the rest of the doc, e.g. the hand-written sections around it, as it is."""
+    begin, end = f"<!-- begin {name} (generated) -->", f"<!-- end {name} -->"
+    old = open(doc).read() if os.path.exists(doc) else ""
+    block = f"{begin}\n{text.strip()}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block + "\n"
+    with open(doc, "w") as f:
+        f.write(new)

@@ -103,14 +103,17 @@ def with_trm_server(pipeline: Pipeline, trm_dir: str, max_images: int, body) -> 
 def tiny_setup(pipeline: Pipeline) -> tuple[str, str]:
     """The tiny world every tiny run starts from: synthetic tasks + random-init model, then the
     warm-started policy (policy_init/). Reads args.seed, args.tiny_train_rows, args.tiny_test_rows and
-    args.warm_start_steps. Returns (assets folder, registry file)."""
+    args.warm_start_steps, and args.world and args.shortcut_fraction where they exist (experiments/
+    shortcut_ablations.py's world: demo/shortcut_tasks.py). Returns (assets folder, registry file)."""
     a, out = pipeline.args, pipeline.path
     assets = out("assets")
     pipeline.run("assets", [PYTHON, "-m", "sophiavl.demo.build_tiny_assets", "--out", assets, "--seed", str(a.seed),
-                            "--num-train", str(a.tiny_train_rows), "--num-test", str(a.tiny_test_rows)],
+                            "--num-train", str(a.tiny_train_rows), "--num-test", str(a.tiny_test_rows),
+                            "--world", getattr(a, "world", "default")],
                  done_when=out("assets", "build_args.json"))
     pipeline.run("warm_start", [PYTHON, "-m", "sophiavl.demo.warm_start", "--model", out("assets", "model"),
                                 "--train", out("assets", "data", "tiny_train.json"), "--output", out("policy_init"),
-                                "--steps", str(a.warm_start_steps), "--seed", str(a.seed)],
+                                "--steps", str(a.warm_start_steps), "--seed", str(a.seed),
+                                "--shortcut-fraction", str(getattr(a, "shortcut_fraction", 0.0))],
                  done_when=out("policy_init", "config.json"))
     return assets, out("assets", "data", "dataset_info.json")
