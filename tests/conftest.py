@@ -98,7 +98,8 @@ def process_group(_single_process_group, monkeypatch):
 # renames node ids that pytest 9 no longer lets it rename), so the files are grouped here by a scheduler of our own;
 # collection fails if a test reads a shared run from a file this table does not put in the run's group.
 SHARED_RUNS = {  # group: (its session fixtures, the test files that read them)
-    "short_pipeline": (("short_pipeline",), ("tests/test_pipeline.py", "tests/experiments/test_ablations.py")),
+    "short_pipeline": (("short_pipeline",), ("tests/test_pipeline.py", "tests/experiments/test_ablations.py",
+                                             "tests/experiments/test_shortcut_ablations.py")),
     "grpo_run": (("grpo_run",), ("tests/step2/test_train.py", "tests/step2/test_crash_resume.py")),
     "failing_judge_run": (("failing_judge_run",),
                           ("tests/step2/test_trm_faults.py", "tests/test_secrets_and_injection.py")),
