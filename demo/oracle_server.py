@@ -61,6 +61,13 @@ def read_request(body: dict) -> tuple[str, str, list[Image.Image]]:
     return question, response, images
 
 
+class _Server(ThreadingHTTPServer):
+    # annotate.py sends 32 requests at once; the default listen backlog (5), set when the socket starts listening
+    # inside __init__, resets some of them on a busy machine
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class OracleServer:
     """The server on 127.0.0.1, in a thread: `with OracleServer(index) as server: server.url`."""
 
@@ -121,9 +128,7 @@ class OracleServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        self._server.request_queue_size = 128  # annotate.py sends 32 requests at once
+        self._server = _Server(("127.0.0.1", self.port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         return self
