@@ -64,6 +64,8 @@ def add_adapters(model, args, seed: int):
 
 def lora_layers(module) -> dict:
     """{module name: peft LoraLayer} of every adapted layer in `module`."""
+    if not any(".lora_A." in name for name, _ in module.named_parameters()):
+        return {}  # full fine-tuning: no peft import on the weight-sync path
     from peft.tuners.lora import LoraLayer
 
     return {name: layer for name, layer in module.named_modules() if isinstance(layer, LoraLayer)}
