@@ -25,21 +25,22 @@ if [ "$target" = cpu ]; then
   # `import transformers` here and are unused on CPU.
   "$venv/bin/python" -m pip uninstall --quiet -y torchaudio torchcodec triton 2>/dev/null || true
   "$venv/bin/python" scripts/patch_torchvision.py
-  # DeepSpeed compiles its CPU shared-memory all-reduce op on first use, behind a lock file; a run stopped during
-  # that compile leaves the lock and every later DeepSpeed start waits on it forever. Build it here, once, after
-  # removing a lock that an interrupted build left. A lock is also a build in progress (another setup or a run's
-  # first start share ~/.cache/torch_extensions; removing theirs corrupts the op): wait for it while it is younger
-  # than 10 minutes (a build takes about one), then remove it.
+  # DeepSpeed compiles its CPU ops on first use (the shared-memory all-reduce of every run; the CPU Adam of
+  # --offload, 1-3 minutes), behind a lock file; a run stopped during that compile leaves the lock and every later
+  # DeepSpeed start waits on it forever. Build them here, once, after removing a lock that an interrupted build left.
+  # A lock is also a build in progress (another setup or a run's first start share ~/.cache/torch_extensions;
+  # removing theirs corrupts the op): wait for it while it is younger than 10 minutes, then remove it.
   "$venv/bin/python" - <<'PY'
 import os, time
 from torch.utils.cpp_extension import _get_build_directory
-lock = os.path.join(_get_build_directory("deepspeed_shm_comm", verbose=False), "lock")
-while os.path.exists(lock) and time.time() - os.path.getmtime(lock) < 600:
-    time.sleep(5)
-if os.path.exists(lock):
-    os.remove(lock)
 from deepspeed.accelerator import get_accelerator
-get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+for name, builder in (("deepspeed_shm_comm", "ShareMemCommBuilder"), ("cpu_adam", "CPUAdamBuilder")):
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    while os.path.exists(lock) and time.time() - os.path.getmtime(lock) < 600:
+        time.sleep(5)
+    if os.path.exists(lock):
+        os.remove(lock)
+    get_accelerator().create_op_builder(builder).load()
 PY
 fi
 # this repo itself, editable: the stages by their folder names, utils/ and demo/ as sophiavl.utils / sophiavl.demo

@@ -22,7 +22,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from sophiavl.utils.cli import InputError, exit_on_input_error
 from sophiavl.utils.data import ReadableRows, epoch_order
 from sophiavl.utils.distributed import init_distributed, shutdown, sum_across_ranks
-from sophiavl.utils.ds_config import zero3_train_config
+from sophiavl.utils.ds_config import adamw, zero3_train_config
 from sophiavl.utils.generation import Sampling, hf_generate
 from sophiavl.utils.lora import add_adapters
 from sophiavl.utils.memory_plan import print_stage_plan
@@ -223,8 +223,8 @@ def main(argv=None):
     apply_training_flags(model, freeze_vision_tower=args.freeze_vision_tower,
                          gradient_checkpointing=args.gradient_checkpointing)
     add_adapters(model, args, args.seed)  # --lora-rank: only the adapters train (the model is adapted in place)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                      weight_decay=args.weight_decay, offload=args.offload)
     warmup_steps = round(args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, args.min_lr_ratio))

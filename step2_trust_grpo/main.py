@@ -22,7 +22,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from sophiavl.utils.cli import RunAborted, exit_on_input_error
 from sophiavl.utils.data import ReadableRows, epoch_order, load_rows
-from sophiavl.utils.ds_config import zero3_inference_config, zero3_train_config
+from sophiavl.utils.ds_config import adamw, zero3_inference_config, zero3_train_config
 from sophiavl.utils.memory_plan import print_stage_plan
 from sophiavl.utils.metrics_log import MetricsLogger
 from sophiavl.utils.distributed import (init_distributed, max_across_ranks, mean_across_ranks, min_across_ranks, shutdown,
@@ -96,7 +96,7 @@ def build_policy_engines(args, world_size: int, dtype: torch.dtype):
                          gradient_checkpointing=args.gradient_checkpointing)
     lora = add_adapters(policy, args, args.seed)  # adapts `policy` in place; only the adapters stay trainable
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = adamw(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, offload=args.offload)
     warmup = max(args.warmup_steps * args.ppo_epochs, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
     engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -149,6 +149,7 @@ def update_policy(engine, ref_engine, processor, chats, images, completions, sco
     extra = {"update/padding_share": padding_share([b["attention_mask"] for b in batches]),
              "update/tokens": sum(b["attention_mask"].sum().item() for b in batches),  # per pass, pads left out
              "update/encodings_per_image": encodings_per_image(micro, images, n)}
+    engine.eval()  # from_pretrained leaves the policy in eval mode; the passes with gradients below set train()
     with torch.no_grad():
         ref_logps = [completion_logps(ref_engine, b, args.temperature)[0] if ref_engine else None for b in batches]
         old_logps = [completion_logps(engine, b, args.temperature)[0] if args.ppo_epochs > 1 or args.kl_in_reward
@@ -169,6 +170,7 @@ def update_policy(engine, ref_engine, processor, chats, images, completions, sco
         denominator = step_denominator(sum_across_ranks(units)[0], len(batches), torch.distributed.get_world_size())
 
     metrics, gaps, is_stats = [], [], []
+    engine.train()  # gradient checkpointing and --lora-dropout act only in train mode
     for epoch in range(args.ppo_epochs):
         for k, (mb, batch, ref, old) in enumerate(zip(micro, batches, ref_logps, old_logps)):
             if args.max_tokens_per_micro_batch:  # their number varies by step: the last one is the optimizer step

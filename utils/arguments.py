@@ -29,7 +29,8 @@ def add_model_arguments(group, *, pixels=TRAINING_PIXELS, training: bool = True)
 
 def add_zero3_arguments(group) -> None:
     """ZeRO-3 memory settings of the trained models (steps 1 and 2)."""
-    group.add_argument("--offload", action="store_true", help="ZeRO-3 offload of parameters and optimizer to CPU")
+    group.add_argument("--offload", action="store_true", help="ZeRO-3 offload of parameters and optimizer to CPU "
+                       "(the optimizer is then DeepSpeed's CPU Adam, an op built on first use)")
     group.add_argument("--zero-param-persistence-threshold", type=int, default=10_000,
                        help="parameters smaller than this stay unsharded; 0 shards every parameter (tests)")
 

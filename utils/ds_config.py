@@ -1,4 +1,6 @@
-"""DeepSpeed configs built in code (as DeepSpeed-Chat does), shared by steps 1 and 2."""
+"""DeepSpeed configs built in code (as DeepSpeed-Chat does), and the optimizer that goes with them; shared by steps
+1 and 2."""
+import torch
 
 
 def zero3_train_config(
@@ -29,8 +31,7 @@ def zero3_train_config(
             "stage3_prefetch_bucket_size": 30_000_000,
             "stage3_gather_16bit_weights_on_model_save": True,
         },
-        # We pass torch.optim.AdamW: DeepSpeed's fused CPU Adam needs a ~45 s JIT build on CPU machines.
-        "zero_allow_untested_optimizer": True,
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW (see adamw below)
         "steps_per_print": 1_000_000_000,  # our own logging, not DeepSpeed's
         "wall_clock_breakdown": False,
     }
@@ -51,3 +52,15 @@ def zero3_inference_config(*, world_size: int, bf16: bool, param_persistence_thr
         },
         "steps_per_print": 1_000_000_000,
     }
+
+
+def adamw(params, *, lr: float, weight_decay: float, offload: bool) -> torch.optim.Optimizer:
+    """The trainer's AdamW. With ZeRO-Offload the optimizer steps on the host, where DeepSpeed requires its own
+    vectorised CPU Adam (it refuses torch's); otherwise torch's AdamW (DeepSpeed's fused GPU Adam would be a JIT build
+    of its own). scripts/setup.sh builds the CPU Adam op once, so a run's first step does not compile it."""
+    params = list(params)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -3,15 +3,18 @@ HTTP judge whose handler holds each answer until the trainer's first log-prob pa
 have passed). Switches that must not change the numbers are compared with the default run:
 - --trm-overlap (the default): the judge's requests are in flight during the reference pass, and the rewards, their
   order and the failure counts are those of --no-trm-overlap, which waits for the judge first;
-- --offload-reference: the same losses with the reference's parameters offloaded to CPU memory."""
+- --offload-reference: the same losses with the reference's parameters offloaded to CPU memory;
+- --gradient-checkpointing with --offload (DeepSpeed's CPU Adam), with and without LoRA: the same losses, and each
+  decoder layer runs twice in every pass with gradients (its forward is recomputed in backward)."""
 import json
 import re
 import threading
 import zlib
 
 import pytest
-
+import torch
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer as DecoderLayer
 
 import step2_trust_grpo.main as step2
 from tests.fake_judge import FakeJudge, reply, request_text, status
@@ -34,7 +37,9 @@ class JudgeHeldUntilTheReferencePass:
 
     def __init__(self):
         self.pass_began, self.answered_during_pass = threading.Event(), []
-        self.reference_offload = None  # the reference engine's offload_param device
+        # what the run did besides: the reference engine's offload_param device (None: LoRA's reference), and the
+        # number of decoder-layer forwards with gradients on
+        self.reference_offload, self.layer_forwards_with_grad = None, 0
 
     def __call__(self, body, index):
         self.answered_during_pass.append(self.pass_began.wait(HOLD_S))
@@ -60,11 +65,19 @@ def run_step2_in_process(tiny_assets, output_dir, *flags) -> JudgeHeldUntilTheRe
 
     def recording_the_reference(*args, **kwargs):
         engine, ref_engine = build_policy_engines(*args, **kwargs)
-        judge.reference_offload = ref_engine.zero_offload_param().device
+        if hasattr(ref_engine, "zero_offload_param"):
+            judge.reference_offload = ref_engine.zero_offload_param().device
         return engine, ref_engine
+
+    layer_forward = DecoderLayer.forward
+
+    def counted(*args, **kwargs):
+        judge.layer_forwards_with_grad += torch.is_grad_enabled()
+        return layer_forward(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as monkeypatch, FakeJudge(judge) as server:
         monkeypatch.setattr(step2, "build_policy_engines", recording_the_reference)
+        monkeypatch.setattr(DecoderLayer, "forward", counted)
         monkeypatch.setattr(step2, "completion_logps", first_pass_of_the_step_begins)
         monkeypatch.setattr(step2.HFRollout, "generate", clear_at_each_rollout(step2.HFRollout.generate))
         monkeypatch.setattr(step2, "shutdown", lambda: None)  # the test process keeps its group
@@ -127,3 +140,38 @@ def test_an_offloaded_reference_gives_the_same_losses(default_run, tiny_assets, 
     offloaded, default = metrics(tmp_path / "offload"), metrics(default_run[0])
     assert [without_timings(m) for m in offloaded] == [without_timings(m) for m in default]
     assert all(m["kl"] > 0 for m in offloaded[1:])  # the reference is there and the policy has moved from it
+
+
+def layers(tiny_assets) -> int:
+    with open(f"{tiny_assets['model']}/config.json") as f:
+        config = json.load(f)
+    return config.get("text_config", config)["num_hidden_layers"]
+
+
+def assert_same_losses(run, reference):
+    got, expected = [without_timings(m) for m in metrics(run)], [without_timings(m) for m in metrics(reference)]
+    assert [sorted(m) for m in got] == [sorted(m) for m in expected]
+    for g, e in zip(got, expected):  # DeepSpeed's CPU Adam rounds unlike torch's AdamW in the last bits
+        assert g == {k: pytest.approx(v, rel=1e-4, abs=1e-6) for k, v in e.items()}
+
+
+@pytest.mark.slow
+def test_checkpointing_and_offload_give_the_same_losses_and_recompute_each_layer(
+        default_run, tiny_assets, process_group, tmp_path):
+    # 2 steps x 2 micro-batches of 4 completions: 4 passes with gradients; without the policy in train mode
+    # gradient checkpointing was silently off (each layer once per pass), and --offload refused torch's AdamW
+    run = run_step2_in_process(tiny_assets, tmp_path / "ckpt", "--gradient-checkpointing", "--offload")
+    assert default_run[1].layer_forwards_with_grad == 4 * layers(tiny_assets)
+    assert run.layer_forwards_with_grad == 2 * 4 * layers(tiny_assets)
+    assert_same_losses(tmp_path / "ckpt", default_run[0])
+
+
+@pytest.mark.slow
+def test_lora_with_checkpointing_and_offload_gives_lora_alone_its_losses(tiny_assets, process_group, tmp_path):
+    lora = ("--lora-rank", "4", "--lora-alpha", "8")
+    alone = run_step2_in_process(tiny_assets, tmp_path / "lora", *lora)
+    both = run_step2_in_process(tiny_assets, tmp_path / "both", *lora, "--gradient-checkpointing", "--offload")
+    assert (alone.layer_forwards_with_grad, both.layer_forwards_with_grad) == (4 * layers(tiny_assets),
+                                                                               8 * layers(tiny_assets))
+    assert_same_losses(tmp_path / "both", tmp_path / "lora")
+    assert all(m["kl"] > 0 for m in metrics(tmp_path / "both")[1:])  # the adapters train: the policy moves
