@@ -1,4 +1,5 @@
-"""Step-1 fixtures, built once per test session: labelled TRM traces of the tiny tasks, and a judge trained on them."""
+"""Step-1 fixtures: labelled TRM traces of the tiny tasks and a judge trained on them (built once per test session),
+and step 1's main() run in the test process."""
 import pytest
 
 from tests.helpers import deepspeed_run
@@ -21,3 +22,26 @@ def trained(tiny_assets, traces, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("trm")
     log = deepspeed_run(tiny_assets["model"], traces, output_dir)
     return output_dir, log
+
+
+@pytest.fixture
+def run_step1(tiny_assets, traces, process_group, monkeypatch):
+    """step1.main(flags) in this process (gloo, world size 1, ZeRO-3 with every parameter sharded, 1 epoch of
+    micro-batches of 4); the process group outlives it (it is the session's)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    import step1_reward_model.main as step1
+
+    monkeypatch.setattr(step1, "shutdown", lambda: None)
+
+    def run(output_dir, *flags):
+        try:
+            step1.main(["--model-path", tiny_assets["model"], "--train-data", traces, "--output-dir", str(output_dir),
+                        "--epochs", "1", "--micro-batch-size", "4", "--eval-split-fraction", "0.1",
+                        "--eval-max-samples", "4", "--eval-batch-size", "4", "--save-every", "0",
+                        "--learning-rate", "5e-3", "--warmup-ratio", "0", "--zero-param-persistence-threshold", "0",
+                        "--seed", "1", *flags])
+        finally:
+            unset_hf_deepspeed_config()  # later tests of this process load unsharded models
+
+    return run

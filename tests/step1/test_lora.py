@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
-from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 import step1_reward_model.main as step1
 from sophiavl.utils.data import open_images
@@ -17,24 +16,6 @@ from tests.helpers import metrics
 
 pytestmark = pytest.mark.timeout(300)
 RANK, ALPHA = 8, 16
-
-
-@pytest.fixture
-def run_step1(tiny_assets, traces, process_group, monkeypatch):
-    """step1.main(flags) in this process; the process group outlives it (it is the session's)."""
-    monkeypatch.setattr(step1, "shutdown", lambda: None)
-
-    def run(output_dir, *flags):
-        try:
-            step1.main(["--model-path", tiny_assets["model"], "--train-data", traces, "--output-dir", str(output_dir),
-                        "--epochs", "1", "--micro-batch-size", "4", "--eval-split-fraction", "0.1",
-                        "--eval-max-samples", "4", "--eval-batch-size", "4", "--save-every", "0",
-                        "--learning-rate", "5e-3", "--warmup-ratio", "0", "--zero-param-persistence-threshold", "0",
-                        "--seed", "1", *flags])
-        finally:
-            unset_hf_deepspeed_config()  # later tests of this process load unsharded models
-
-    return run
 
 
 def test_lora_sft_lowers_the_loss_and_exports_the_merged_judge(run_step1, tiny_assets, traces, tmp_path):
