@@ -439,7 +439,7 @@ def main(argv=None):
     save_hf_model(engine, processor, os.path.join(args.output_dir, "final"),
                   adapter_of=args.model_path if args.lora_save_adapter else None)
     logger.close()
-    shutdown()
+    shutdown(rollout.close)
 
 
 if __name__ == "__main__":

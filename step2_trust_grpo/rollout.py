@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sophiavl.utils.generation import (Sampling, build_vllm, hf_generate, vllm_generate, vllm_sampling_params,
-                                       vllm_texts)
+from sophiavl.utils.generation import (Sampling, build_vllm, close_vllm, hf_generate, vllm_generate,
+                                       vllm_sampling_params, vllm_texts)
 from sophiavl.utils.prompts import POLICY_THINKING
 from sophiavl.utils.zero3 import gathered_weights
 
@@ -32,6 +32,9 @@ class HFRollout:
         self.processor = processor
         self.sampling = sampling
         self.params_per_gather = params_per_gather
+
+    def close(self) -> None:
+        """Nothing to release (VLLMRollout's shuts its engine down)."""
 
     def sync_weights(self, engine_module) -> float:
         start = time.perf_counter()
@@ -87,6 +90,9 @@ class VLLMRollout:
             groups = [torch.distributed.new_group(list(range(first, first + tensor_parallel_size)))
                       for first in range(0, world, tensor_parallel_size)]  # every rank creates every group
             self.tp_group = groups[rank // tensor_parallel_size]
+
+    def close(self) -> None:
+        close_vllm(self.llm)
 
     def sync_weights(self, engine_module) -> float:
         """Stream the ZeRO-3 weights into vLLM with ONE reload_weights call (several calls in a row

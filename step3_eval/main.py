@@ -115,7 +115,8 @@ def load_eval_rows(args) -> list:
 
 
 def build_generator(args, rank: int, max_images: int):
-    """A function: (list of chats, list of image lists) -> list of completion texts. Both backends decode
+    """(generate, close): generate maps (list of chats, list of image lists) to completion texts; close releases
+    the engine before the process group goes (utils.distributed.shutdown). Both backends decode
     greedily with no repetition penalty (VLMEvalKit's setting), whatever the checkpoint's generation_config.json
     says, from images resized once by the processor's rule (utils.vision), so they agree token for token."""
     from sophiavl.utils.generation import Sampling
@@ -127,7 +128,7 @@ def build_generator(args, rank: int, max_images: int):
     dtype = resolve_dtype(args.dtype)
     greedy = Sampling(max_new_tokens=args.max_new_tokens)
     if args.backend == "vllm":
-        from sophiavl.utils.generation import build_vllm, vllm_generate, vllm_sampling_params, vllm_texts
+        from sophiavl.utils.generation import build_vllm, close_vllm, vllm_generate, vllm_sampling_params, vllm_texts
 
         llm = build_vllm(
             args.model_path, processor, dtype=str(dtype).removeprefix("torch."), max_model_len=args.max_model_len,
@@ -135,9 +136,9 @@ def build_generator(args, rank: int, max_images: int):
             colocated=torch.distributed.is_initialized(),
         )
         params = vllm_sampling_params(processor, greedy)
-        return lambda chats, images: [texts[0] for texts in vllm_texts(processor, vllm_generate(
+        return (lambda chats, images: [texts[0] for texts in vllm_texts(processor, vllm_generate(
             llm, processor, chats, [resize_images(i, processor) for i in images], params,
-            enable_thinking=POLICY_THINKING))]
+            enable_thinking=POLICY_THINKING))]), lambda: close_vllm(llm)
 
     from sophiavl.utils.generation import hf_generate
     from sophiavl.utils.model import load_model
@@ -145,8 +146,8 @@ def build_generator(args, rank: int, max_images: int):
     model = load_model(args.model_path, dtype, args.attn_implementation).eval()
     if torch.cuda.is_available():
         model.to(f"cuda:{torch.cuda.current_device()}")
-    return lambda chats, images: hf_generate(model, processor, chats, [resize_images(i, processor) for i in images],
-                                             greedy, enable_thinking=POLICY_THINKING)[0]
+    return (lambda chats, images: hf_generate(model, processor, chats, [resize_images(i, processor) for i in images],
+                                              greedy, enable_thinking=POLICY_THINKING)[0]), lambda: None
 
 
 def eval_chat(row: dict, num_images: int, args) -> list:
@@ -264,13 +265,13 @@ def main(argv=None):
         write_run_info(args.output_dir, args)
     skipped = over_long_rows(args, rows, rank)
     max_images = max(len(row["images"]) for row in rows)
-    generate = build_generator(args, rank, max_images)
+    generate, close = build_generator(args, rank, max_images)
     predictions = evaluate_shard(rows, list(range(rank, len(rows), world_size)), generate, args, rank == 0, skipped)
     predictions = gather_in_input_order(predictions, world_size)
     if rank == 0:
         write_results(args, rows, predictions)
     if world_size > 1:
-        shutdown()
+        shutdown(close)
 
 
 def write_results(args, rows: list, predictions: list) -> None:

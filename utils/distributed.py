@@ -66,9 +66,14 @@ def max_across_ranks(number: float) -> float:
     return value.item()
 
 
-def shutdown() -> None:
+def shutdown(*close) -> None:
     """Leave the process group cleanly: a rank that exits with it still open can abort at interpreter
-    exit ("terminate called without an active exception") after all its work is done."""
+    exit ("terminate called without an active exception") after all its work is done. `close`: functions called
+    after the last barrier, before the group goes (a colocated vLLM engine's close_vllm: its own shutdown destroys
+    the process groups, and left to interpreter exit, after ours, it fails with a traceback)."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+    for function in close:
+        function()
+    if torch.distributed.is_initialized():  # vLLM's shutdown may have destroyed it already
         torch.distributed.destroy_process_group()

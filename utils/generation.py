@@ -155,6 +155,12 @@ def build_vllm(
     )
 
 
+def close_vllm(llm) -> None:
+    """Shut an in-process vLLM engine down now. Its shutdown destroys vLLM's process groups and torch.distributed's
+    default one; at interpreter exit, after utils.distributed.shutdown, it fails ("Invalid process group specified")."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 def vllm_sampling_params(processor, sampling: Sampling, *, n: int = 1, seed: int | None = None,
                          logprobs: int | None = None):
     """vLLM SamplingParams with every field of `sampling` set (a user SamplingParams never takes the checkpoint's
