@@ -25,7 +25,7 @@ from sophiavl.demo.report import write_report
 from sophiavl.utils.cli import InputError
 from sophiavl.utils.data import max_images_per_prompt
 from sophiavl.utils.model_family import Family, family_of
-from sophiavl.utils.pipeline import PYTHON, Pipeline, StageFailed, tiny_setup, with_trm_server
+from sophiavl.utils.pipeline import PYTHON, Pipeline, run_stages, tiny_setup, with_trm_server
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # The GPU launchers by the family's resize factor (utils/model_family.py): Qwen2/2.5-VL snap images to multiples of
@@ -209,23 +209,12 @@ def main(argv=None) -> int:
         return print_plans(args)
     pipeline = Pipeline(args, REPO)
     start = time.perf_counter()
-    try:
-        if args.deployment_type == "tiny":
-            summary = tiny(pipeline)
-            print(json.dumps(summary, indent=2))
-        else:
-            gpus(pipeline)
-    except StageFailed as err:
-        print(err, file=sys.stderr)
-        return 1
-    except InputError as err:  # step 2's data, read here for the TRM server's image cap
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; the TRM server (if any) was stopped", file=sys.stderr)
-        return 130
-    print(f"pipeline finished in {time.perf_counter() - start:.0f} s; outputs in {pipeline.out}")
-    return 0
+    # an InputError: step 2's data, read here for the TRM server's image cap
+    code = run_stages(lambda: print(json.dumps(tiny(pipeline), indent=2)) if args.deployment_type == "tiny"
+                      else gpus(pipeline))
+    if code == 0:
+        print(f"pipeline finished in {time.perf_counter() - start:.0f} s; outputs in {pipeline.out}")
+    return code
 
 
 if __name__ == "__main__":

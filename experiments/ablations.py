@@ -18,12 +18,11 @@ continues with the first unfinished run (a run cut short resumes from its last c
 """
 import argparse
 import os
-import shlex
 import sys
 from itertools import groupby
 
 from sophiavl.utils.data import max_images_per_prompt
-from sophiavl.utils.pipeline import Pipeline, StageFailed, tiny_setup, with_trm_server
+from sophiavl.utils.pipeline import Pipeline, command_shown, run_stages, tiny_setup, with_trm_server
 
 if not __package__:  # run as a script (`python experiments/ablations.py`)
     from sophiavl.utils.stage import stage_package
@@ -141,18 +140,11 @@ def run_all(pipeline: Pipeline, args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     pipeline = Pipeline(args, REPO)
-    if not args.report_only:
-        try:
-            run_all(pipeline, args)
-        except StageFailed as err:
-            print(err, file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("interrupted; run the same command again to continue", file=sys.stderr)
-            return 130
-    shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]  # the command that ran
-    command = shlex.join(["python", "experiments/ablations.py", *shown])
-    ablations_report.write(pipeline.out, args.doc, ARMS, planned_runs(args), run_dir, command, args.notes)
+    code = 0 if args.report_only else run_stages(lambda: run_all(pipeline, args))
+    if code:
+        return code
+    ablations_report.write(pipeline.out, args.doc, ARMS, planned_runs(args), run_dir,
+                           command_shown("experiments/ablations.py", argv), args.notes)
     print(f"wrote {args.doc}")
     return 0
 

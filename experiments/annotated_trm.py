@@ -25,7 +25,7 @@ from sophiavl.demo.oracle_server import OracleServer, load_index
 from sophiavl.demo.report import read_json, read_jsonl
 from sophiavl.demo.trm_traces import relabel
 from sophiavl.utils.data import load_rows
-from sophiavl.utils.pipeline import PYTHON, Pipeline, StageFailed
+from sophiavl.utils.pipeline import PYTHON, Pipeline, run_stages
 from sophiavl.utils.prompts import format_question
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,17 +185,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     pipeline = Pipeline(args, REPO)
     registry = os.path.join(os.path.abspath(args.assets), "data", "dataset_info.json")
-    try:
+
+    def stages():
         run = source_run(pipeline, os.path.abspath(args.policy), registry, args.source_steps, args.source_seed)
         labels = oracle_labels(pipeline, run, registry, args)
         for condition in args.conditions:
             train_trm(pipeline, condition, labels, os.path.abspath(args.assets), os.path.abspath(args.policy),
                       args.step1_extra.split())
             print(f"{condition}: {json.dumps(agreement(pipeline.path(f'trm_{condition}'), labels['heldout']))}")
-    except StageFailed as err:
-        print(err, file=sys.stderr)
-        return 1
-    return 0
+
+    return run_stages(stages)
 
 
 if __name__ == "__main__":

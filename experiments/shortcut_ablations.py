@@ -17,12 +17,11 @@ its last checkpoint):
 """
 import argparse
 import os
-import shlex
 import sys
 from itertools import groupby
 
 from sophiavl.utils.data import max_images_per_prompt
-from sophiavl.utils.pipeline import Pipeline, StageFailed, tiny_setup, with_trm_server
+from sophiavl.utils.pipeline import Pipeline, command_shown, run_stages, tiny_setup, with_trm_server
 
 if not __package__:  # run as a script (`python experiments/shortcut_ablations.py`)
     from sophiavl.utils.stage import stage_package
@@ -116,21 +115,14 @@ def run_all(pipeline: Pipeline, args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     pipeline = Pipeline(args, REPO)
-    if not args.report_only:
-        try:
-            run_all(pipeline, args)
-        except StageFailed as err:
-            print(err, file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("interrupted; run the same command again to continue", file=sys.stderr)
-            return 130
+    code = 0 if args.report_only else run_stages(lambda: run_all(pipeline, args))
+    if code:
+        return code
     if not os.path.exists(pipeline.path("step3_before", "summary.json")):
         print(f"error: nothing to report yet in {pipeline.out} (no step3_before/)", file=sys.stderr)
         return 2
-    shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
-    command = shlex.join(["python", "experiments/shortcut_ablations.py", *shown])
-    shortcut_report.write(pipeline.out, args.doc, planned_runs(args), command)
+    shortcut_report.write(pipeline.out, args.doc, planned_runs(args),
+                          command_shown("experiments/shortcut_ablations.py", argv))
     print(f"wrote {args.doc}")
     return 0
 

@@ -20,18 +20,44 @@ from its last checkpoint.
 """
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
 import time
 
 from sophiavl.utils import vllm_server
+from sophiavl.utils.cli import InputError
 
 PYTHON = sys.executable
 
 
 class StageFailed(RuntimeError):
     pass
+
+
+def run_stages(body) -> int:
+    """body(), a pipeline's stages; returns its exit code: 0, 1 when a stage failed (its error and log tail printed),
+    2 for bad input found before a stage (InputError), 130 on Ctrl-C (a TRM server started is stopped; the same
+    command run again skips the finished stages)."""
+    try:
+        body()
+    except StageFailed as err:
+        print(err, file=sys.stderr)
+        return 1
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+def command_shown(script: str, argv: list[str] | None, leave_out=("--report-only",)) -> str:
+    """The command line that ran `script`, for a report to name (the flags of `argv`, sys.argv's by default)."""
+    flags = argv if argv is not None else sys.argv[1:]
+    return shlex.join(["python", script, *(a for a in flags if a not in leave_out)])
 
 
 def free_port() -> int:

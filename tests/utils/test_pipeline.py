@@ -1,12 +1,14 @@
-"""The stage runner of train.py and experiments/ablations.py (utils/pipeline.py): a stage runs from the repository
-root with its log beside its outputs, is skipped once its "done" marker exists, and a failure carries its log's tail."""
+"""The stage runner of train.py and experiments/ (utils/pipeline.py): a stage runs from the repository root with its
+log beside its outputs, is skipped once its "done" marker exists, a failure carries its log's tail, and a pipeline's
+exit code says how it ended."""
 import argparse
 import json
 import sys
 
 import pytest
 
-from sophiavl.utils.pipeline import Pipeline, StageFailed, tiny_setup
+from sophiavl.utils.cli import InputError
+from sophiavl.utils.pipeline import Pipeline, StageFailed, command_shown, run_stages, tiny_setup
 from tests.helpers import REPO
 
 
@@ -49,3 +51,25 @@ def test_assets_cut_short_after_their_registry_are_built_again(tmp_path):
     assert tiny_setup(pipeline) == (str(tmp_path / "assets"), str(registry))
     assert (tmp_path / "assets" / "model" / "config.json").exists()
     assert json.loads((tmp_path / "assets" / "build_args.json").read_text())["num_train"] == 8
+
+
+def raising(error):
+    def body():
+        raise error
+    return body
+
+
+@pytest.mark.parametrize("body, code, message", [
+    (lambda: None, 0, ""),
+    (raising(StageFailed("[step2] failed (exit 1) after 3 s")), 1, "[step2] failed (exit 1) after 3 s\n"),
+    (raising(InputError("--data-path x: no such dataset")), 2, "error: --data-path x: no such dataset\n"),
+    (raising(KeyboardInterrupt()), 130, "interrupted; run the same command again to continue\n"),
+])
+def test_a_pipelines_exit_code_and_last_line_say_how_it_ended(body, code, message, capsys):
+    assert run_stages(body) == code
+    assert capsys.readouterr().err == message
+
+
+def test_the_command_shown_in_a_report_leaves_out_report_only():
+    shown = command_shown("experiments/ablations.py", ["--report-only", "--notes", "two words", "--key-seeds", "8"])
+    assert shown == "python experiments/ablations.py --notes 'two words' --key-seeds 8"
