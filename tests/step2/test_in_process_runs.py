@@ -7,6 +7,7 @@ have passed). Switches that must not change the numbers are compared with the de
 - --gradient-checkpointing with --offload (DeepSpeed's CPU Adam), with and without LoRA: the same losses, and each
   decoder layer runs twice in every pass with gradients (its forward is recomputed in backward)."""
 import json
+import math
 import re
 import threading
 import zlib
@@ -80,7 +81,7 @@ def run_step2_in_process(tiny_assets, output_dir, *flags) -> JudgeHeldUntilTheRe
         monkeypatch.setattr(DecoderLayer, "forward", counted)
         monkeypatch.setattr(step2, "completion_logps", first_pass_of_the_step_begins)
         monkeypatch.setattr(step2.HFRollout, "generate", clear_at_each_rollout(step2.HFRollout.generate))
-        monkeypatch.setattr(step2, "shutdown", lambda: None)  # the test process keeps its group
+        monkeypatch.setattr(step2, "shutdown", lambda *close: None)  # the test process keeps its group
         step2.main(["--model-path", tiny_assets["model"], "--registry", tiny_assets["registry"],
                     "--data-path", "tiny_train", "--output-dir", str(output_dir), "--rollout-engine", "hf",
                     "--variant", "full", "--trm-url", server.url, "--trm-max-retries", "0",
@@ -175,3 +176,17 @@ def test_lora_with_checkpointing_and_offload_gives_lora_alone_its_losses(tiny_as
                                                                                8 * layers(tiny_assets))
     assert_same_losses(tmp_path / "both", tmp_path / "lora")
     assert all(m["kl"] > 0 for m in metrics(tmp_path / "both")[1:])  # the adapters train: the policy moves
+
+
+@pytest.mark.slow
+def test_the_real_launchers_bf16_settings_train(tiny_assets, process_group, tmp_path):
+    # run_qwen2_5_vl_7b.sh's precision and memory settings, which no other step-2 test runs: bf16 weights under
+    # ZeRO-3 (fp32 master copies in the optimizer), gradient checkpointing, an entropy bonus
+    run = run_step2_in_process(tiny_assets, tmp_path / "bf16", "--dtype", "bfloat16", "--gradient-checkpointing",
+                               "--entropy-coef", "1e-3")
+    rows = metrics(tmp_path / "bf16")
+    assert len(rows) == 2 and all(math.isfinite(m["loss"]) and math.isfinite(m["entropy"]) for m in rows)
+    assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0  # the first update moved the bf16 policy from its reference
+    assert run.layer_forwards_with_grad == 8 * layers(tiny_assets)
+    final = json.loads((tmp_path / "bf16" / "final" / "config.json").read_text())
+    assert final.get("dtype", final.get("torch_dtype")) == "bfloat16"
