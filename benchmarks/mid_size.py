@@ -32,7 +32,11 @@ import sys
 import tempfile
 import time
 
-from benchmarks import grpo_vs_trl, trm_throughput
+if not __package__:  # run as a script (`python benchmarks/mid_size.py`): its siblings are imported
+    from sophiavl.utils.stage import stage_package
+    __package__ = stage_package(__file__)
+
+from . import grpo_vs_trl, trm_throughput
 
 ARMS = ("ours", "no-budget", "no-overlap", "trl")
 ARM_FLAGS = {"ours": [], "no-budget": ["--max-tokens-per-micro-batch", "0"], "no-overlap": ["--no-trm-overlap"]}
