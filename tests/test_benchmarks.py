@@ -3,6 +3,7 @@ Not timed: the speed claims live in benchmarks/RESULTS.md."""
 import asyncio
 import importlib.util
 import json
+import statistics
 import time
 
 import pytest
@@ -121,3 +122,29 @@ def test_rollout_engines_quick_reports_step_and_sync_times():
     assert list(results) == engines
     for r in results.values():
         assert r["step_time"] > r["rollout_s"] > 0 and r["sync_s"] > 0 and r["rollout_tokens_per_s"] > 0
+
+
+def test_mid_size_update_flops_and_summary_by_hand():
+    from benchmarks import mid_size
+
+    model = {"layer_params": 1000, "head_params": 50}
+    # 8 FLOPs per matrix parameter per token: 600 real tokens through the layers, 4 x 20 completion tokens through
+    # lm_head
+    step = {"update_tokens": 600, "mean_length": 20, "update": 2.0, "reward": 0.5, "step_time": 5.0,
+            "generation": 2.5, "padding": 0.25}
+    assert mid_size.update_flops(step, model, samples=4) == 8 * (1000 * 600 + 50 * 20 * 4)
+    warm = {**step, "step_time": 50.0}  # the warm-up step is left out of the medians
+    summary = mid_size.summarize([warm, step, {**step, "update": 4.0}], warmup=1, model=model, samples=4, peak=1e6)
+    assert summary["steps_measured"] == 2 and summary["step_time"] == 5.0 and summary["judge_wait_share"] == 0.1
+    assert summary["update_gflops"] == pytest.approx(statistics.median([4.832e6 / 2, 4.832e6 / 4]) / 1e9)
+
+
+@pytest.mark.slow
+def test_mid_size_quick_runs_our_arm_on_the_real_vocabulary():
+    from benchmarks import mid_size
+
+    results = mid_size.main(["--quick", "--arms", "ours"])
+    ours = results["ours"]
+    assert ours["steps_measured"] == 1 and 0 < ours["mean_length"] <= 24  # --quick caps completions at 24 tokens
+    assert 0 <= ours["padding"] < 1 and 0 <= ours["judge_wait_share"] < 1
+    assert ours["step_time"] > ours["update"] > 0 and ours["update_gflops"] > 0
