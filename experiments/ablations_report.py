@@ -96,25 +96,34 @@ def paired(figures: dict, arm_a: str, arm_b: str, key: str) -> tuple[list[float]
 
 
 def plot(curves: dict, before: float, figures: dict, folder: str) -> list[str]:
+    panels = (("quality", "true trace quality (F1 of steps)"), ("words", "thinking length (words)"),
+              ("trm", "mean TRM score R^t (the arm's own TRM)"))
+    return plot_runs(folder, curves, panels, "step (5-step moving mean over seeds)", figures, "acc_after",
+                     before, f"before step 2: {before:.3f}", "held-out accuracy after step 2", smooth=5)
+
+
+def plot_runs(folder: str, curves: dict, panels, xlabel: str, figures: dict, accuracy_key: str, baseline: float,
+              baseline_label: str, ylabel: str, smooth: int = 1) -> list[str]:
+    """curves.png: a panel per (key, title) of `panels`, each arm's per-step mean over its seeds (a `smooth`-step
+    moving mean); accuracy.png: each arm's mean `accuracy_key` over its seeds (bars: their std) and the baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def smooth(values, width=5):
-        return [statistics.fmean(values[max(0, i - width + 1):i + 1]) for i in range(len(values))]
+    def moving_mean(values):
+        return [statistics.fmean(values[max(0, i - smooth + 1):i + 1]) for i in range(len(values))]
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.5))
     for arm, runs in curves.items():
         steps = runs[0]["steps"]
         style = "--" if arm.endswith("/hacked") else ("-." if arm == "grpo" else "-")
-        for ax, key in zip(axes, ("quality", "words", "trm")):
+        for ax, (key, _) in zip(axes, panels):
             mean = [statistics.fmean(run[key][i] for run in runs) for i in range(len(steps))]
-            ax.plot(steps, smooth(mean), style, label=f"{arm} ({len(runs)} seeds)")
-    for ax, title in zip(axes, ("true trace quality (F1 of steps)", "thinking length (words)",
-                                "mean TRM score R^t (the arm's own TRM)")):
+            ax.plot(steps, moving_mean(mean), style, label=f"{arm} ({len(runs)} seeds)")
+    for ax, (_, title) in zip(axes, panels):
         ax.set_title(title)
-        ax.set_xlabel("step (5-step moving mean over seeds)")
+        ax.set_xlabel(xlabel)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "curves.png"), dpi=110)
@@ -122,12 +131,12 @@ def plot(curves: dict, before: float, figures: dict, folder: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(9, 4))
     arms = list(figures)
-    values = [[f["acc_after"] for f in figures[a].values()] for a in arms]
+    values = [[f[accuracy_key] for f in figures[a].values()] for a in arms]
     ax.bar(range(len(arms)), [statistics.fmean(v) for v in values],
            yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=4)
-    ax.axhline(before, color="black", linestyle=":", label=f"before step 2: {before:.3f}")
+    ax.axhline(baseline, color="black", linestyle=":", label=baseline_label)
     ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("held-out accuracy after step 2")
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "accuracy.png"), dpi=110)
@@ -174,7 +183,7 @@ def claims(figures: dict, arms: dict) -> list[str]:
         _, text = paired(figures, "full", "grpo", "acc_after")
         common = sorted(set.intersection(*(set(figures[arm]) for arm in trained)))
         like = {arm: statistics.fmean(figures[arm][s]["acc_after"] for s in common) for arm in trained}
-        lines.append(f"- **(c)** held-out accuracy after step 2, best first: "
+        lines.append("- **(c)** held-out accuracy after step 2, best first: "
                      + ", ".join(f"{arm} {avg(arm, 'acc_after'):.3f}" for arm in order)
                      + f". Full is {'best' if order[0] == 'full' else 'not best'}; thinking-reward variants above the "
                        f"GRPO baseline: {', '.join(beat) or 'none'}. Full - GRPO, paired: {text}. Like for like, on "

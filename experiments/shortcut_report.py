@@ -12,7 +12,7 @@ from sophiavl.demo.trm_traces import read_raw_rows
 from sophiavl.utils.trust import CORRECT_THRESHOLD, trust_weight
 
 from .ablations import ARMS
-from .ablations_report import fifth, mean_std, paired, replace_block, spearman
+from .ablations_report import fifth, mean_std, paired, plot_runs, replace_block, spearman
 from .annotated_trm import agreement
 
 SHORTCUT_CLAIMS = {"background", "student"}  # the oracle's claims that state a shortcut (demo/shortcut_tasks.py)
@@ -149,39 +149,11 @@ def claims(figures: dict, judges: dict) -> list[str]:
 
 
 def plot(curves: dict, figures: dict, before: dict, folder: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for arm, runs in curves.items():
-        style = "--" if arm.endswith("/hacked") else ("-." if arm == "grpo" else "-")
-        for ax, key in zip(axes, ("quality", "shortcut", "trm")):
-            steps = runs[0]["steps"]
-            mean = [statistics.fmean(run[key][i] for run in runs) for i in range(len(steps))]
-            ax.plot(steps, mean, style, label=f"{arm} ({len(runs)} seeds)")
-    for ax, title in zip(axes, ("oracle score of the completions", "shortcut use (shortcut-family prompts)",
-                                "TRM score R^t (the arm's own judge)")):
-        ax.set_title(title)
-        ax.set_xlabel("step (mean over seeds)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "curves.png"), dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(9, 4))
-    arms = list(figures)
-    values = [[f["acc_shortcut"] for f in figures[a].values()] for a in arms]
-    ax.bar(range(len(arms)), [statistics.fmean(v) for v in values],
-           yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=4)
-    ax.axhline(before["acc_shortcut"], color="black", linestyle=":", label=f"warm start: {before['acc_shortcut']:.3f}")
-    ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("held-out accuracy where the shortcut breaks")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "accuracy.png"), dpi=110)
-    plt.close(fig)
-    return ["curves.png", "accuracy.png"]
+    panels = (("quality", "oracle score of the completions"), ("shortcut", "shortcut use (shortcut-family prompts)"),
+              ("trm", "TRM score R^t (the arm's own judge)"))
+    return plot_runs(folder, curves, panels, "step (mean over seeds)", figures, "acc_shortcut",
+                     before["acc_shortcut"], f"warm start: {before['acc_shortcut']:.3f}",
+                     "held-out accuracy where the shortcut breaks")
 
 
 def write(out: str, doc: str, plan: list, command: str) -> dict:
