@@ -126,12 +126,23 @@ def run_all(pipeline: Pipeline, args) -> None:
     pending = [(arm, seed) for arm, seed in plan
                if not os.path.exists(os.path.join(run_dir(pipeline.out, arm, seed), "final", "config.json"))]
     print(f"{len(plan) - len(pending)} of {len(plan)} runs done already; {len(pending)} to go", flush=True)
-    for condition, runs in groupby(pending, key=lambda run: ARMS[run[0]][1]):
-        def run_each(trm_url, runs=list(runs)):
-            for arm, seed in runs:
-                step2_run(pipeline, registry, arm, seed, trm_url, max_images, args)
+    run_by_condition(pipeline, pending, trm_dirs, max_images,
+                     lambda arm, seed, trm_url: step2_run(pipeline, registry, arm, seed, trm_url, max_images, args))
 
-        if condition is None:
+
+def run_by_condition(pipeline: Pipeline, pending: list, trm_dirs: dict, max_images: int, run_one,
+                     needs_server=lambda runs: True) -> None:
+    """run_one(arm, seed, trm_url) for each (arm, seed) of `pending` (in planned_runs' order: grouped by TRM
+    condition), with one TRM server for each condition's runs; none for the GRPO arm's, nor where
+    needs_server(those runs) is False."""
+    for condition, group in groupby(pending, key=lambda run: ARMS[run[0]][1]):
+        runs = list(group)
+
+        def run_each(trm_url):
+            for arm, seed in runs:
+                run_one(arm, seed, trm_url)
+
+        if condition is None or not needs_server(runs):
             run_each(None)
         else:
             with_trm_server(pipeline, trm_dirs[condition], max_images, run_each)

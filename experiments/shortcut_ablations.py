@@ -18,17 +18,16 @@ its last checkpoint):
 import argparse
 import os
 import sys
-from itertools import groupby
 
 from sophiavl.utils.data import max_images_per_prompt
-from sophiavl.utils.pipeline import Pipeline, command_shown, run_stages, tiny_setup, with_trm_server
+from sophiavl.utils.pipeline import Pipeline, command_shown, run_stages, tiny_setup
 
 if not __package__:  # run as a script (`python experiments/shortcut_ablations.py`)
     from sophiavl.utils.stage import stage_package
     __package__ = stage_package(__file__)
 
 from . import annotated_trm, shortcut_report
-from .ablations import ARMS, CONDITION_ORDER, planned_runs, run_dir
+from .ablations import ARMS, CONDITION_ORDER, planned_runs, run_by_condition, run_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ARMS = ["grpo", "full", "wo-trust/hacked", "full/hacked", "wo-trust", "wo-trust-and-annealing",
@@ -98,18 +97,14 @@ def run_all(pipeline: Pipeline, args) -> None:
 
     pending = [(arm, seed) for arm, seed in plan if not finished(arm, seed)]
     print(f"{len(plan) - len(pending)} of {len(plan)} runs done already; {len(pending)} to go", flush=True)
-    for condition, group in groupby(pending, key=lambda run: ARMS[run[0]][1]):
-        runs = list(group)
 
-        def run_each(trm_url, runs=runs):
-            for arm, seed in runs:
-                step2_and_eval(pipeline, registry, arm, seed, trm_url, max_images, args)
+    def step2_left(runs):  # with only step 3 left (step 2's stage is skipped) no TRM server is needed
+        return not all(os.path.exists(os.path.join(run_dir(pipeline.out, a, s), "final", "config.json"))
+                       for a, s in runs)
 
-        trained = all(os.path.exists(os.path.join(run_dir(pipeline.out, a, s), "final", "config.json")) for a, s in runs)
-        if condition is None or trained:  # only step 3 left (step 2's stage is skipped): no TRM server needed
-            run_each(None)
-        else:
-            with_trm_server(pipeline, trm_dirs[condition], max_images, run_each)
+    run_by_condition(pipeline, pending, trm_dirs, max_images,
+                     lambda arm, seed, url: step2_and_eval(pipeline, registry, arm, seed, url, max_images, args),
+                     needs_server=step2_left)
 
 
 def main(argv=None) -> int:

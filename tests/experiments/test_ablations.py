@@ -22,6 +22,25 @@ def test_the_plan_pairs_seeds_and_groups_runs_by_trm_condition():
         assert len(blocks) == len(set(blocks))
 
 
+def test_runs_go_in_order_and_only_a_condition_with_training_left_starts_a_trm_server(monkeypatch):
+    import experiments.ablations as ablations
+
+    servers, calls = [], []
+
+    def fake_server(pipeline, trm_dir, max_images, body):
+        servers.append(trm_dir)
+        body(f"url-of-{trm_dir}")
+
+    monkeypatch.setattr(ablations, "with_trm_server", fake_server)
+    pending = [("grpo", 0), ("grpo", 1), ("full", 0), ("full/hacked", 0), ("full/hacked", 1)]
+    ablations.run_by_condition(None, pending, {"trained": "t", "hacked": "h"}, 1,
+                               lambda arm, seed, url: calls.append((arm, seed, url)),
+                               needs_server=lambda runs: runs[0][0] != "full")
+    assert servers == ["h"]  # GRPO needs none; "full" has only step 3 left here
+    assert calls == [("grpo", 0, None), ("grpo", 1, None), ("full", 0, None), ("full/hacked", 0, "url-of-h"),
+                     ("full/hacked", 1, "url-of-h")]
+
+
 def run(output_dir, doc):
     return run_short_tiny("experiments/ablations.py", output_dir, "--doc", str(doc), "--arms", "grpo", "full",
                           "--key-seeds", "1", "--other-seeds", "1")
