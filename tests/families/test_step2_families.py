@@ -87,3 +87,48 @@ def test_nothing_in_step_2_reads_the_judges_family():
                 if getattr(call.func, "id", getattr(call.func, "attr", "")) in ("family_of", "load_model",
                                                                                  "load_processor", "from_pretrained"):
                     assert ast.unparse(call.args[0]) in ("args.model_path", "model_path"), (name, ast.unparse(call))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_lora_adapts_each_familys_language_model_and_streams_its_merged_weights(families, family, tmp_path,
+                                                                                process_group):
+    """LoRA's engines of each family in one process (ZeRO-3, world size 1): adapters only on the language model's
+    linear layers (Qwen3.5's linear-attention layers have no q/k/v_proj), and the weight stream the rollout engines
+    load is the plain model's names in its order, each adapted weight W + (alpha / r) B A."""
+    import deepspeed
+    import torch
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from sophiavl.utils.lora import LANGUAGE_MODEL, lora_layers
+    from sophiavl.utils.model import load_model
+    from sophiavl.utils.zero3 import gathered_weights
+    from step2_trust_grpo.arguments import check_args, parse_args
+    from step2_trust_grpo.main import build_policy_engines
+
+    model = families["models"][family]
+    args = parse_args(["--model-path", model, "--registry", families["registry"], "--data-path", "tiny_train",
+                       "--output-dir", str(tmp_path), "--variant", "grpo", "--rollout-engine", "hf",
+                       "--num-generations", "2", "--rollout-batch-size", "2", "--micro-batch-size", "4",
+                       "--zero-param-persistence-threshold", "0", "--lora-rank", "4", "--lora-alpha", "8"])
+    check_args(args, world_size=1)
+    plain = load_model(model, torch.float32)
+    try:
+        engine, _ = build_policy_engines(args, 1, torch.float32)
+        layers = lora_layers(engine.module)
+        assert layers and all(name.startswith(LANGUAGE_MODEL) for name in layers)
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            torch.manual_seed(1)
+            expected = {}
+            for name, layer in layers.items():
+                layer.lora_B["default"].weight.data.normal_(0, 0.05)
+                a, b = layer.lora_A["default"].weight.data, layer.lora_B["default"].weight.data
+                expected[f"{name}.weight"] = layer.base_layer.weight.data + 8 / 4 * b @ a
+        stream = list(gathered_weights(engine.module, params_per_gather=16))
+    finally:
+        unset_hf_deepspeed_config()
+    assert [n for n, _ in stream] == [n for n, _ in plain.named_parameters()]
+    streamed = dict(stream)
+    for name, weight in expected.items():
+        torch.testing.assert_close(streamed[name], weight, rtol=0, atol=1e-6, msg=name)
+    assert any((streamed[name] - plain.state_dict()[name]).abs().max() > 1e-3 for name in expected)
