@@ -62,15 +62,16 @@ def hf_model(sharp_model):
 
 
 @pytest.fixture(scope="module")
-def rollout(sharp_model, processor):
+def rollout(sharp_model, processor, _single_process_group):
+    """Step 2's vllm engine, inside the test process's torch.distributed group as step 2's runs in DeepSpeed's (and
+    shut down without taking that group along: tests.helpers.in_process_vllm)."""
     from step2_trust_grpo.rollout import VLLMRollout
+    from tests.helpers import in_process_vllm
 
-    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
-    engine = VLLMRollout(sharp_model, processor, Sampling(max_new_tokens=12, temperature=1.0), seed=0,
-                         max_model_len=4096, max_images=3, dtype="float32", gpu_memory_utilization=0.5,
-                         tensor_parallel_size=1, sleep_mode=False)
-    yield engine
-    del engine
+    with in_process_vllm():
+        yield VLLMRollout(sharp_model, processor, Sampling(max_new_tokens=12, temperature=1.0), seed=0,
+                          max_model_len=4096, max_images=3, dtype="float32", gpu_memory_utilization=0.5,
+                          tensor_parallel_size=1, sleep_mode=False)
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +186,37 @@ def test_both_engines_stop_on_either_stop_token(stop, sharp_model, processor, ro
     assert texts == ["The answer is 7"] and hf_ids[0][-1] == stop_id
     assert output.text == "The answer is 7" and list(output.token_ids) == hf_ids[0]
 
+
+
+def test_a_lora_policys_merged_weights_load_into_vllm(sharp_model, processor, rollout, rows, hf_model, tmp_path,
+                                                      process_group):
+    """LoRA at the release's layout: step 2's engine with rank-4 adapters on the seven default targets (B trained-
+    looking), synced into vLLM through the merged weight stream: vLLM's samples have the LoRA policy's log-probs
+    (its ZeRO-3 training forward), not the base model's."""
+    import deepspeed
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from step2_trust_grpo.arguments import check_args, parse_args
+    from step2_trust_grpo.main import build_policy_engines
+
+    args = parse_args(["--model-path", sharp_model, "--registry", "unused.json", "--data-path", "unused",
+                       "--output-dir", str(tmp_path), "--variant", "grpo", "--rollout-engine", "vllm",
+                       "--num-generations", "2", "--rollout-batch-size", "2", "--micro-batch-size", "4",
+                       "--zero-param-persistence-threshold", "0", "--lora-rank", "4", "--lora-alpha", "8"])
+    check_args(args, world_size=1)
+    try:
+        engine, _ = build_policy_engines(args, 1, torch.float32)
+        adapters = [p for n, p in engine.module.named_parameters() if ".lora_B." in n]
+        with deepspeed.zero.GatheredParameters(adapters, modifier_rank=0):
+            torch.manual_seed(0)
+            for param in adapters:
+                param.data.normal_(0, 0.02)
+        rollout.sync_weights(engine.module)
+        chats, images = [chat for chat, _ in rows], [imgs for _, imgs in rows]
+        completions = rollout.generate(chats, images, 2, seeds=[prompt_seed(0, 3, k) for k in range(len(rows))])
+        ids, logps = completions.token_ids, completions.rollout_logps
+        assert mean_gap(logps, ids, chats, images, engine, processor, 2) < 1e-3
+        assert mean_gap(logps, ids, chats, images, hf_model, processor, 2) > 1e-2  # the adapters matter
+    finally:
+        rollout.sync_weights(hf_model)  # the other tests' weights back
+        unset_hf_deepspeed_config()
