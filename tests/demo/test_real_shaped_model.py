@@ -12,6 +12,7 @@ from PIL import Image
 
 from sophiavl.demo.real_shaped_model import ADDED_TOKENS, TOKEN_IDS, build_real_shaped, main, make_model, release_config
 from sophiavl.utils import prompts
+from tests.helpers import in_process_vllm
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RELEASE_GENERATION_CONFIG = {  # Qwen2.5-VL-7B-Instruct's generation_config.json, less transformers_version
@@ -203,19 +204,16 @@ def test_cli_rejects_a_file_as_out(tmp_path, capsys):
 
 
 @pytest.mark.vllm
-def test_vllm_loads_and_generates_with_the_release_defaults(real_shaped_model, processor, monkeypatch):
+def test_vllm_loads_and_generates_with_the_release_defaults(real_shaped_model, processor):
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed")
-    for name, value in dict(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-                            VLLM_CPU_OMP_THREADS_BIND="nobind").items():
-        monkeypatch.setenv(name, value)
     from transformers import AutoModelForImageTextToText
     from vllm import LLM, SamplingParams
 
     # text only: allowing images adds vLLM's multimodal processor warm-up, 30-50 s on 2 CPU cores
-    llm = LLM(model=real_shaped_model, dtype="float32", enforce_eager=True, max_model_len=1024,
-              limit_mm_per_prompt={"image": 0, "video": 0}, seed=0)
-    try:
+    with in_process_vllm():
+        llm = LLM(model=real_shaped_model, dtype="float32", enforce_eager=True, max_model_len=1024,
+                  limit_mm_per_prompt={"image": 0, "video": 0}, seed=0)
         defaults = llm.get_default_sampling_params()
         assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.repetition_penalty) == \
             (0.1, 0.001, 1, 1.05)
@@ -233,5 +231,3 @@ def test_vllm_loads_and_generates_with_the_release_defaults(real_shaped_model, p
             pushed = SamplingParams(max_tokens=4, temperature=0.0, logit_bias={stop: 100.0})
             result = llm.generate([text], pushed, use_tqdm=False)[0].outputs[0]
             assert (list(result.token_ids), result.finish_reason) == ([stop], "stop")
-    finally:
-        del llm

@@ -10,6 +10,7 @@ from sophiavl.demo.synthetic_tasks import make_rows
 from sophiavl.demo.tiny_model import build_tiny_model
 from sophiavl.utils import prompts
 from sophiavl.utils.data import load_rows, open_images
+from tests.helpers import in_process_vllm
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 
@@ -159,17 +160,14 @@ def test_fixed_prompts_take_few_tokens_and_round_trip(processor):
 
 
 @pytest.mark.vllm
-def test_vllm_loads_and_matches_hf_greedy(assets, model, processor, monkeypatch):
+def test_vllm_loads_and_matches_hf_greedy(assets, model, processor):
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed")
-    for name, value in dict(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-                            VLLM_CPU_OMP_THREADS_BIND="nobind").items():
-        monkeypatch.setenv(name, value)
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=assets["model"], dtype="float32", enforce_eager=True, max_model_len=2048,
-              limit_mm_per_prompt={"image": 2, "video": 0}, seed=0)
-    try:
+    with in_process_vllm():
+        llm = LLM(model=assets["model"], dtype="float32", enforce_eager=True, max_model_len=2048,
+                  limit_mm_per_prompt={"image": 2, "video": 0}, seed=0)
         rows = load_rows("tiny_test", assets["registry"])[:5]
         for row in rows:
             images = open_images(row)
@@ -182,5 +180,3 @@ def test_vllm_loads_and_matches_hf_greedy(assets, model, processor, monkeypatch)
             hf_tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
             assert list(output.prompt_token_ids) == inputs["input_ids"][0].tolist()
             assert list(output.outputs[0].token_ids) == hf_tokens.tolist()
-    finally:
-        del llm
