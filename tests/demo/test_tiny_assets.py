@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from sophiavl.demo.build_tiny_assets import asset_paths, build, write_data
-from sophiavl.demo.synthetic_tasks import make_rows
 from sophiavl.demo.tiny_model import build_tiny_model
 from sophiavl.utils import prompts
 from sophiavl.utils.data import load_rows, open_images

@@ -16,7 +16,7 @@ from sophiavl.utils.data import open_images
 from sophiavl.utils.model import load_model, load_processor
 from sophiavl.utils.prompts import trm_messages
 from sophiavl.utils.outcome_reward import parse_score
-from tests.helpers import deepspeed_run, metrics
+from tests.helpers import metrics
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -3,7 +3,6 @@ base64 PNGs, option columns, hint, category / l2-category, image-by-reference an
 scripted models. Expected scores are worked out by hand from the rows."""
 import base64
 import csv
-import importlib.util
 import io
 import json
 import math
