@@ -149,7 +149,7 @@ def update_policy(engine, ref_engine, processor, chats, images, completions, sco
     extra = {"update/padding_share": padding_share([b["attention_mask"] for b in batches]),
              "update/tokens": sum(b["attention_mask"].sum().item() for b in batches),  # per pass, pads left out
              "update/encodings_per_image": encodings_per_image(micro, images, n)}
-    engine.eval()  # from_pretrained leaves the policy in eval mode; the passes with gradients below set train()
+    engine.eval()  # the passes without gradients; those with them (below) run in train mode
     with torch.no_grad():
         ref_logps = [completion_logps(ref_engine, b, args.temperature)[0] if ref_engine else None for b in batches]
         old_logps = [completion_logps(engine, b, args.temperature)[0] if args.ppo_epochs > 1 or args.kl_in_reward
@@ -170,7 +170,7 @@ def update_policy(engine, ref_engine, processor, chats, images, completions, sco
         denominator = step_denominator(sum_across_ranks(units)[0], len(batches), torch.distributed.get_world_size())
 
     metrics, gaps, is_stats = [], [], []
-    engine.train()  # gradient checkpointing and --lora-dropout act only in train mode
+    engine.train()  # transformers checkpoints layers, and LoRA drops out, only in training mode
     for epoch in range(args.ppo_epochs):
         for k, (mb, batch, ref, old) in enumerate(zip(micro, batches, ref_logps, old_logps)):
             if args.max_tokens_per_micro_batch:  # their number varies by step: the last one is the optimizer step
