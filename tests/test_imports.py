@@ -1,6 +1,7 @@
 """The import conventions (README "Installed names"), checked on every Python file of the repository: modules are
 imported by their installed names, never by path; a stage imports its own files relatively (so a copy of it runs its
-own); no test module imports another."""
+own), and so does a script of benchmarks/ or experiments/ (run by its path, its folder is not importable); no test
+module imports another."""
 import ast
 import os
 import re
@@ -43,6 +44,8 @@ def test_shared_code_is_imported_by_its_installed_name_and_stages_import_their_o
                 wrong.append(f"{path}:{line} imports {module}")
             if level == 0 and folder in STAGES and top in STAGES:  # a copy of the stage would run the original's
                 wrong.append(f"{path}:{line} imports {module}, not relatively")
+            if level == 0 and folder in ("benchmarks", "experiments") and top == folder:  # works only from the root
+                wrong.append(f"{path}:{line} imports {module} absolutely: `python {path}` cannot find it")
             if level == 0 and top == "tests" and re.search(r"(^|\.)test_", module or ""):
                 wrong.append(f"{path}:{line} imports the test module {module}")
     assert not wrong

@@ -45,19 +45,3 @@ def test_the_folder_becomes_a_package_of_its_name_and_a_clash_is_an_error(tmp_pa
     with pytest.raises(ImportError, match="rename the folder"):
         stage_package(str(clash / "main.py"))
 
-
-@pytest.mark.parametrize("folder", ["benchmarks", "experiments"])
-def test_scripts_import_their_siblings_relatively(folder):
-    # `python benchmarks/mid_size.py` puts benchmarks/ on sys.path, not the repository: an absolute
-    # `from benchmarks import ...` works under pytest (run from the root) and fails as the documented command
-    import ast
-    import glob
-
-    absolute = []
-    for path in sorted(glob.glob(f"{REPO}/{folder}/*.py")):
-        for node in ast.walk(ast.parse(open(path).read())):
-            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else
-                     [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
-            absolute += [f"{path.removeprefix(REPO + '/')}:{node.lineno}" for name in names
-                         if name.split(".")[0] == folder]
-    assert absolute == []
