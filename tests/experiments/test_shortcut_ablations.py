@@ -12,10 +12,8 @@ from tests.helpers import copy_finished_stages, run_short_tiny
 
 def run(output_dir, doc):
     # a 5-step warm start repeats itself: micro-batches of 2, so that its few distinct labelled rows make a batch
-    # step-2 rounds of 8 prompts x 4 (the launcher's are 16 x 8): the source run still labels prompts of both splits
     return run_short_tiny("experiments/shortcut_ablations.py", output_dir, "--doc", str(doc), "--arms", "full",
                           "--key-seeds", "1", "--other-seeds", "1", "--source-steps", "2",
-                          "--step2-extra", "--rollout-batch-size 8 --num-generations 4 --micro-batch-size 16",
                           "--step1-extra", "--max-steps 3 --eval-every 0 --micro-batch-size 2")
 
 
@@ -29,10 +27,10 @@ def test_one_arm_one_seed_through_the_annotated_judge_produces_the_report(short_
     result = run(out, doc)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("] done already") == 1  # the warm start
-    labels = read_jsonl(out / "rollouts" / "labels.jsonl")  # the source run's 2 x 8 x 4 completions, all labelled
+    labels = read_jsonl(out / "rollouts" / "labels.jsonl")  # the source run's 2 x 16 x 8 completions, all labelled
     assert {row["split"] for row in labels} == {"train", "heldout"} and all(row["status"] == "scored" for row in labels)
     assert sum(row["split"] == "train" for row in labels) + len({(r["problem_id"], r["response"]) for r in labels
-                                                                 if r["split"] == "heldout"}) <= 64
+                                                                 if r["split"] == "heldout"}) <= 256
     text = doc.read_text()
     assert "Runs finished: 1 of 1" in text and "| trained | oracle labels (" in text and "| full | 1 |" in text
     assert "**J-trained " in text and "**C1" not in text  # C1 needs the GRPO arm
