@@ -93,10 +93,12 @@ def process_group(_single_process_group, monkeypatch):
         monkeypatch.setenv(name, value)
 
 
-# Under `pytest -n 2` (scripts/test.sh) the tests that read one expensive session fixture must run in one worker, or
-# each worker makes that run again. pytest-xdist's own grouping (xdist_group marks) does not work with pytest 9 (it
-# renames node ids that pytest 9 no longer lets it rename), so the files are grouped here by a scheduler of our own;
-# collection fails if a test reads a shared run from a file this table does not put in the run's group.
+# Under `pytest -n 2` (scripts/test.sh) the tests that read one expensive fixture must run in one worker, or each
+# worker makes it again: a file's tests stay together (its module fixtures: a 2-rank run and its resume, a served
+# model), and so do the files that read one session run. pytest-xdist's own grouping (xdist_group marks) does not
+# work with pytest 9 (it renames node ids that pytest 9 no longer lets it rename), so the files are grouped here by a
+# scheduler of our own; collection fails if a test reads a shared run from a file this table does not put in the
+# run's group.
 SHARED_RUNS = {  # group: (its session fixtures, the test files that read them)
     "short_pipeline": (("short_pipeline",), ("tests/test_pipeline.py", "tests/experiments/test_ablations.py",
                                              "tests/experiments/test_shortcut_ablations.py")),
@@ -109,6 +111,12 @@ SHARED_RUNS = {  # group: (its session fixtures, the test files that read them)
                      "tests/utils/test_engine_parity.py")),
 }
 GROUP_OF_FILE = {path: group for group, (_, paths) in SHARED_RUNS.items() for path in paths}
+
+
+def scope_of(nodeid: str) -> str:
+    """The unit the scheduler hands a worker: the test's shared-run group, or else its file."""
+    path = nodeid.split("::")[0]
+    return GROUP_OF_FILE.get(path, path)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -125,9 +133,9 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class SharedRunScheduling(LoadScopeScheduling):
-        """Each test on its own, except that a shared run's files go to one worker together."""
+        """A file's tests to one worker, a shared run's files to one worker together."""
 
         def _split_scope(self, nodeid):
-            return GROUP_OF_FILE.get(nodeid.split("::")[0], nodeid)
+            return scope_of(nodeid)
 
     return SharedRunScheduling(config, log)
