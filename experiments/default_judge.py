@@ -6,10 +6,11 @@ Per seed, both judges are scored by step 1's evaluate.py on the same held-out po
     python experiments/default_judge.py --report-only
 
 Stages per seed k (OUT/seed<k>/, each skipped when done; run the command again to continue):
-    pipeline        train.py --steps 1 --seed k: the tiny world, the warm start, the synthetic-trace judge (step1/)
+    pipeline        train.py --steps 1 --seed k in pipeline/: the tiny world, the warm start, the synthetic-trace
+                    judge (pipeline/step1/)
     source_run, labels, step1_trained   annotated_trm.py's stages on that world: a 40-step GRPO run of the warm start
                     (seed 100 + k), its rollouts labelled by the oracle through annotate.py, the judge trained on them
-    eval_synthetic  evaluate.py of step1/final on the held-out labels (synthetic_eval/metrics.json)
+    eval_synthetic  evaluate.py of pipeline/step1/final on the held-out labels (synthetic_eval/metrics.json)
 
 Decision rule (fixed before the first run): the annotated judge becomes the pipeline's default if its Spearman with
 the oracle on the held-out policy samples is higher than the synthetic judge's in every seed and its mean MAE is lower;
@@ -61,16 +62,18 @@ def seed_pipeline(args, seed: int) -> Pipeline:
 def run_seed(args, seed: int) -> None:
     pipeline = seed_pipeline(args, seed)
     out = pipeline.path
-    pipeline.run("pipeline", [PYTHON, "train.py", "--output-dir", pipeline.out, "--steps", "1", "--seed", str(seed),
+    world = out("pipeline")  # train.py's own output folder (its stage times apart from these)
+    pipeline.run("pipeline", [PYTHON, "train.py", "--output-dir", world, "--steps", "1", "--seed", str(seed),
                               "--step1-extra", args.step1_extra, *args.pipeline_extra.split()],
-                 done_when=out("step1", "eval", "metrics.json"))
-    registry = out("assets", "data", "dataset_info.json")
-    run = source_run(pipeline, out("policy_init"), registry, args.source_steps, 100 + seed)
+                 done_when=os.path.join(world, "step1", "eval", "metrics.json"))
+    assets, policy = os.path.join(world, "assets"), os.path.join(world, "policy_init")
+    registry = os.path.join(assets, "data", "dataset_info.json")
+    run = source_run(pipeline, policy, registry, args.source_steps, 100 + seed)
     labels = oracle_labels(pipeline, run, registry, args)
-    train_trm(pipeline, "trained", labels, out("assets"), out("policy_init"), args.step1_extra.split())
+    train_trm(pipeline, "trained", labels, assets, policy, args.step1_extra.split())
     pipeline.run("eval_synthetic", [PYTHON, "step1_reward_model/evaluate.py", "--data", labels["heldout"],
-                                    "--model-path", out("step1", "final"), "--output-dir", out("synthetic_eval"),
-                                    "--dtype", "float32"],
+                                    "--model-path", os.path.join(world, "step1", "final"),
+                                    "--output-dir", out("synthetic_eval"), "--dtype", "float32"],
                  done_when=out("synthetic_eval", "metrics.json"))
 
 
@@ -82,7 +85,8 @@ def judges_of(folder: str) -> dict | None:
         return None
     synthetic = read_json(os.path.join(folder, "synthetic_eval", "metrics.json"))
     scored = [row for row in read_jsonl(heldout) if row["status"] == "scored"]
-    synthetic["constant_mae"] = constant_mae(read_jsonl(os.path.join(folder, "step1", "trm_train.jsonl")), scored)
+    synthetic["constant_mae"] = constant_mae(read_jsonl(os.path.join(folder, "pipeline", "step1", "trm_train.jsonl")),
+                                             scored)
     return {"synthetic": synthetic, "annotated": agreement(os.path.join(folder, "trm_trained"), heldout)}
 
 

@@ -15,7 +15,7 @@ def write(path, rows):
 def finished_seed(folder, synthetic_spearman, annotated_spearman, maes=(0.2, 0.1)):
     heldout = [{"score": s, "status": "scored"} for s in (0.0, 1.0)] + [{"score": 0.5, "status": "failed"}]
     write(folder / "rollouts" / "heldout_labels.jsonl", heldout)
-    write(folder / "step1" / "trm_train.jsonl", [{"score": 0.8}, {"score": 0.6}])  # mean 0.7: constant MAE 0.5
+    write(folder / "pipeline" / "step1" / "trm_train.jsonl", [{"score": 0.8}, {"score": 0.6}])  # mean 0.7: constant MAE 0.5
     write(folder / "trm_trained" / "trm_train.jsonl", [{"score": 0.25}])  # constant MAE 0.5
     common = {"rows": 2, "pairs": 1, "parse_failure_rate": 0.0, "pairwise_accuracy": 1.0}
     write(folder / "synthetic_eval" / "metrics.json", {**common, "mae": maes[0], "spearman": synthetic_spearman})
@@ -40,7 +40,7 @@ def test_the_report_gives_each_seeds_judges_and_applies_the_rule(tmp_path, capsy
 
 def test_an_unfinished_seed_is_left_out_and_no_decision_is_made(tmp_path, capsys):
     finished_seed(tmp_path / "seed0", 0.2, 0.5)
-    (tmp_path / "seed1" / "step1").mkdir(parents=True)
+    (tmp_path / "seed1" / "pipeline" / "step1").mkdir(parents=True)
     summary = default_judge.report(default_judge.parse_args(["--output-dir", str(tmp_path), "--seeds", "2"]))
     assert list(summary["seeds"]) == [0] and summary["default"] is None
     assert "1 of 2 seeds finished" in capsys.readouterr().out
