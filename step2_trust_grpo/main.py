@@ -18,18 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers.integrations import HfDeepSpeedConfig
 
 from sophiavl.utils.cli import RunAborted, exit_on_input_error
 from sophiavl.utils.data import ReadableRows, epoch_order, load_rows
-from sophiavl.utils.ds_config import adamw, zero3_inference_config, zero3_train_config
 from sophiavl.utils.memory_plan import print_stage_plan
 from sophiavl.utils.metrics_log import MetricsLogger
 from sophiavl.utils.distributed import (init_distributed, max_across_ranks, mean_across_ranks, min_across_ranks, shutdown,
                                         sum_across_ranks)
 from sophiavl.utils.generation import Sampling, prompt_seed, stop_token_ids
-from sophiavl.utils.lora import add_adapters
-from sophiavl.utils.model import apply_training_flags, chat_texts, load_model, load_processor, resolve_dtype
+from sophiavl.utils.model import chat_texts, load_model, load_processor, resolve_dtype
 from sophiavl.utils.outputs import prepare_output_dir, write_run_info
 from sophiavl.utils.prompt_length import keep_within
 from sophiavl.utils.prompts import POLICY_THINKING, format_question, policy_messages
@@ -48,7 +45,7 @@ from .micro_batches import (encodings_per_image, fixed_count, padding_share, seq
 from .loss import (STEP_AGGREGATIONS, group_advantages, grpo_loss, kl_penalties, rollout_is_weights, step_denominator,
                    step_units)
 
-from .policy import AdaptersDisabled, completion_batch, completion_logps
+from .policy import build_policy_engines, completion_batch, completion_logps
 from .dynamic_sampling import fill_batch, first_prompt_index, refill_prompts
 from .rewards import (final_rewards, merge_thinking_stats, outcome_rewards, overlong_penalties, thinking_rewards,
                       truncated)
@@ -77,39 +74,6 @@ def prompts_for_step(num_rows: int, step: int, batch_size: int, rank: int, world
 def policy_chat(row: dict) -> list:
     """The policy's chat for a row, as the loop builds it: what --max-prompt-length measures at load time."""
     return policy_messages(row["prompt"], row["problem_type"], row["options"], len(row["images"]))
-
-
-def build_policy_engines(args, world_size: int, dtype: torch.dtype):
-    """The trained policy and (when the KL term is on) the frozen reference, both ZeRO-3 sharded. With --lora-rank
-    the reference is the policy's own engine with its adapters disabled: the base model, no second copy."""
-    import deepspeed
-
-    bf16 = dtype == torch.bfloat16
-    samples_per_rank = args.rollout_batch_size // world_size * args.num_generations
-    ds_config = zero3_train_config(
-        micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=samples_per_rank // args.micro_batch_size,
-        world_size=world_size, bf16=bf16, gradient_clipping=args.max_grad_norm, offload=args.offload,
-        param_persistence_threshold=args.zero_param_persistence_threshold)
-    hf_ds_config = HfDeepSpeedConfig(ds_config)  # models loaded while it lives are sharded as they load
-    policy = load_model(args.model_path, dtype, args.attn_implementation, hf_ds_config)
-    apply_training_flags(policy, freeze_vision_tower=args.freeze_vision_tower,
-                         gradient_checkpointing=args.gradient_checkpointing)
-    lora = add_adapters(policy, args, args.seed)  # adapts `policy` in place; only the adapters stay trainable
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = adamw(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, offload=args.offload)
-    warmup = max(args.warmup_steps * args.ppo_epochs, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
-    engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-
-    ref_engine = None
-    if args.kl_coef > 0 and lora is not None:
-        ref_engine = AdaptersDisabled(engine, lora)
-    elif args.kl_coef > 0:
-        reference = load_model(args.model_path, dtype, args.attn_implementation, hf_ds_config)
-        ref_config = zero3_inference_config(world_size=world_size, bf16=bf16, offload=args.offload_reference,
-                                            param_persistence_threshold=args.zero_param_persistence_threshold)
-        ref_engine = deepspeed.initialize(model=reference.eval(), config=ref_config)[0]
-    return engine, ref_engine
 
 
 def build_rollout(args, processor, dtype: torch.dtype, max_images: int, rank: int, plain_copy=None):

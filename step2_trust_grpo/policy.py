@@ -1,12 +1,48 @@
-"""Forward passes of the policy (and the reference model) over prompt + completion."""
+"""The policy and reference engines under ZeRO-3, and their forward passes over prompt + completion."""
 import itertools
 
 import torch
+from transformers.integrations import HfDeepSpeedConfig
 
-from sophiavl.utils.model import chat_inputs, encode_images_first
+from sophiavl.utils.ds_config import adamw, zero3_inference_config, zero3_train_config
+from sophiavl.utils.lora import add_adapters
+from sophiavl.utils.model import apply_training_flags, chat_inputs, encode_images_first, load_model
 from sophiavl.utils.prompts import POLICY_THINKING
 
 from .loss import entropy_from_logits, selective_log_softmax
+
+
+def build_policy_engines(args, world_size: int, dtype: torch.dtype):
+    """The trained policy and (when the KL term is on) the frozen reference, both ZeRO-3 sharded. With --lora-rank
+    the reference is the policy's own engine with its adapters disabled: the base model, no second copy."""
+    import deepspeed
+
+    bf16 = dtype == torch.bfloat16
+    samples_per_rank = args.rollout_batch_size // world_size * args.num_generations
+    ds_config = zero3_train_config(
+        micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=samples_per_rank // args.micro_batch_size,
+        world_size=world_size, bf16=bf16, gradient_clipping=args.max_grad_norm, offload=args.offload,
+        param_persistence_threshold=args.zero_param_persistence_threshold)
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # models loaded while it lives are sharded as they load
+    policy = load_model(args.model_path, dtype, args.attn_implementation, hf_ds_config)
+    apply_training_flags(policy, freeze_vision_tower=args.freeze_vision_tower,
+                         gradient_checkpointing=args.gradient_checkpointing)
+    lora = add_adapters(policy, args, args.seed)  # adapts `policy` in place; only the adapters stay trainable
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = adamw(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, offload=args.offload)
+    warmup = max(args.warmup_steps * args.ppo_epochs, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
+    engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    ref_engine = None
+    if args.kl_coef > 0 and lora is not None:
+        ref_engine = AdaptersDisabled(engine, lora)
+    elif args.kl_coef > 0:
+        reference = load_model(args.model_path, dtype, args.attn_implementation, hf_ds_config)
+        ref_config = zero3_inference_config(world_size=world_size, bf16=bf16, offload=args.offload_reference,
+                                            param_persistence_threshold=args.zero_param_persistence_threshold)
+        ref_engine = deepspeed.initialize(model=reference.eval(), config=ref_config)[0]
+    return engine, ref_engine
 
 
 def completion_batch(processor, chats: list, images: list, completion_ids: list[list[int]]) -> dict:
