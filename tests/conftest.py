@@ -108,7 +108,7 @@ SHARED_RUNS = {  # group: (its session fixtures, the test files that read them)
     "trained_judge": (("trained",), ("tests/step1/test_train.py", "tests/step1/test_crash_resume.py")),
     "real_shaped": (("real_shaped_model", "real_shaped_judge"),
                     ("tests/demo/test_real_shaped_model.py", "tests/step1/test_serve_real_shaped.py",
-                     "tests/utils/test_engine_parity.py")),
+                     "tests/utils/test_engine_parity.py", "tests/test_gpu_memory_plan.py")),
 }
 GROUP_OF_FILE = {path: group for group, (_, paths) in SHARED_RUNS.items() for path in paths}
 
