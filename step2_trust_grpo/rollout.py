@@ -99,9 +99,12 @@ class VLLMRollout:
         each restart vLLM's layer-by-layer reload and silently leave wrong weights), then drop
         every cache that may hold results of the old weights (on CPU a tied lm_head is packed again:
         repack_tied_lm_head). A sleeping engine wakes its weights
-        first and its KV cache only after the sync, so the two never need memory at the same time."""
+        first and its KV cache only after the sync, so the two never need memory at the same time. Before each wake
+        PyTorch's cache goes back to the GPU: it still holds the update's freed activations (and then the gathered
+        weights), and vLLM allocates what it wakes outside that cache."""
         start = time.perf_counter()
         if self.asleep:
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
         weights = gathered_weights(engine_module, self.params_per_gather)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
@@ -111,6 +114,7 @@ class VLLMRollout:
         self.llm.reset_mm_cache()
         self.llm.reset_prefix_cache()
         if self.asleep:
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         return time.perf_counter() - start

@@ -62,6 +62,19 @@ def test_a_sleeping_engine_wakes_its_weights_syncs_then_wakes_its_kv_cache():
         "reload_weights", *REPACK, "reset_encoder_cache", "reset_mm_cache", "reset_prefix_cache"]
 
 
+def test_the_trainers_cached_memory_goes_back_to_the_gpu_before_each_wake(monkeypatch):
+    """After the update PyTorch's caching allocator still holds its freed activations, and vLLM allocates the weights
+    and KV cache it wakes outside that cache: without an empty_cache first, a wake that the memory plan fits (the
+    update's and the rollout's phases apart) runs out of GPU memory. verl and EasyR1 empty it before each wake too."""
+    rollout = stand_in_rollout(sleep_mode=True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: rollout.llm.calls.append(("empty_cache",)))
+    rollout.sleep()
+    rollout.sync_weights(torch.nn.Linear(2, 2))
+    names = [call[0] for call in rollout.llm.calls]
+    wakes = [k for k, name in enumerate(names) if name == "wake_up"]
+    assert len(wakes) == 2 and all(names[k - 1] == "empty_cache" for k in wakes)
+
+
 def test_without_sleep_mode_nothing_sleeps_or_wakes():
     rollout = stand_in_rollout(sleep_mode=False)
     rollout.sleep()
