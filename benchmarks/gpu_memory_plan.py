@@ -160,7 +160,8 @@ def run_case(args) -> dict:
                 peaks[phase] = torch.cuda.max_memory_allocated()
         resident = torch.cuda.memory_allocated() if gpu else None
     settings = replace(settings_from_args(s2, 1, stage=2, gpus_per_node=1), prompt_length=prompt,
-                       attn_implementation=resolve_attn_implementation(s2.attn_implementation))
+                       attn_implementation=resolve_attn_implementation(s2.attn_implementation),
+                       hf_rollout_sequences=0)  # no rollout engine here: the trainer's phases only
     name, config = load_config(model)
     plan = make_plan(config, settings, name)
     headroom = settings.headroom_gib * 2 ** 30

@@ -242,6 +242,7 @@ class Settings:
     vllm_gpu_memory_utilization: float = 0.4  # 0: no colocated vLLM
     vllm_sleep_mode: bool = False
     vllm_tensor_parallel_size: int = 1
+    hf_rollout_sequences: int = 0  # --rollout-engine hf: completions one rank generates at once (0: no such engine)
     kl_coef: float = 0.04  # > 0: a ZeRO-3 reference model
     offload_reference: bool = False  # its partition in host memory (--offload-reference)
     param_persistence_threshold: int = 10_000
@@ -257,6 +258,10 @@ class Settings:
     @property
     def world_size(self) -> int:
         return self.gpus_per_node * self.nodes
+
+    def phases(self) -> list[str]:
+        return (["rollout"] if self.vllm_gpu_memory_utilization or self.hf_rollout_sequences else []) + \
+            ["update", "step"]
 
 
 def zero3_sizes() -> dict:
@@ -328,7 +333,7 @@ class Plan:
             max(n for _, n, kind in self.host if kind == "save")
 
     def phases(self) -> list[str]:
-        return (["rollout"] if self.settings.vllm_gpu_memory_utilization else []) + ["update", "step"]
+        return self.settings.phases()
 
     def gpu_rows(self, gpu_bytes: int) -> list:
         util, asleep = self.settings.vllm_gpu_memory_utilization, self.settings.vllm_sleep_mode
@@ -379,8 +384,7 @@ def make_plan(config: dict, settings: Settings, name: str = "model") -> Plan:
     estimate = estimate_zero3_model_states_mem_needs(
         total, largest, num_gpus_per_node=gpn, num_nodes=settings.nodes, cpu_offload=settings.offload,
         cpu_offload_params=settings.offload, zero_init=True)
-    phases = (["rollout"] if settings.vllm_gpu_memory_utilization else []) + ["update", "step"]
-    always = lambda n: dict.fromkeys(phases, n)  # noqa: E731
+    always = lambda n: dict.fromkeys(settings.phases(), n)  # noqa: E731
     persisted = e * persisted_numel(modules + adapters, settings.param_persistence_threshold)  # kept when offloaded
     rows = [(f"policy weights, {settings.dtype} " + ("(offload: the persisted small ones)" if settings.offload
                                                      else "partition"),
@@ -404,6 +408,11 @@ def make_plan(config: dict, settings: Settings, name: str = "model") -> Plan:
              (f"logits ({settings.micro_batch_size} x {width} x {s.vocab})", {"update": acts["logits"]})]
     if not settings.offload:
         rows.append(("optimizer step: fp32 gradients + AdamW sqrt(v)", {"step": states["step"]}))
+    if settings.hf_rollout_sequences:  # the fallback engine: an unsharded copy on every GPU, transformers' cache
+        sequences, length = settings.hf_rollout_sequences, settings.prompt_length + settings.completion_length
+        rows += [(f"transformers rollout engine: the policy's whole copy, {settings.dtype}", always(e * total)),
+                 (f"transformers generate: KV cache of {sequences} sequences x {length} tokens",
+                  {"rollout": sequences * length * 2 * s.layers * s.kv_heads * s.head_dim * e})]
 
     tp = settings.vllm_tensor_parallel_size
     vllm_weights = e * total // tp
@@ -465,6 +474,8 @@ def format_plan(plan: Plan, config: dict, gpu: str = "80GB") -> str:
              f"tokens; images <= {image_tokens(s, st.max_pixels)} tokens ({st.max_pixels} pixels)",
              "vLLM " + (f"{st.vllm_gpu_memory_utilization} of the GPU, sleep mode "
                         f"{'on' if st.vllm_sleep_mode else 'off'}" if st.vllm_gpu_memory_utilization else "off") +
+             (f" (transformers generates {st.hf_rollout_sequences} sequences at once)" if st.hf_rollout_sequences
+              else "") +
              f"; reference model {reference}", ""]
     phases = plan.phases()
     lines.append(f"{'per GPU (' + gpu + '), GiB':<70}" + "".join(f"{p:>9}" for p in phases))
@@ -507,7 +518,9 @@ def settings_from_args(args, world_size: int, stage: int, gpus_per_node: int | N
                     num_generations=args.num_generations, entropy_grad=args.entropy_coef > 0,
                     vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization if args.rollout_engine == "vllm"
                     else 0.0, vllm_sleep_mode=args.vllm_sleep_mode,
-                    vllm_tensor_parallel_size=args.vllm_tensor_parallel_size, kl_coef=args.kl_coef,
+                    vllm_tensor_parallel_size=args.vllm_tensor_parallel_size,
+                    hf_rollout_sequences=args.rollout_batch_size // world_size * args.num_generations
+                    if args.rollout_engine == "hf" else 0, kl_coef=args.kl_coef,
                     offload_reference=args.offload_reference, **common)
 
 

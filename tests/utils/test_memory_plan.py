@@ -309,6 +309,25 @@ def test_vllm_share_is_freed_by_sleep_mode_during_the_update():
     assert any("cannot hold its weights" in p for p in too_small.problems(mp.GPUS["40GB"]))
 
 
+def test_the_transformers_engine_holds_a_whole_copy_and_its_generation_cache():
+    """--rollout-engine hf (the fallback where vLLM is missing) keeps an unsharded copy of the policy on every GPU
+    and generates a rank's completions at once; the plan once left both out (it knew only vLLM's share)."""
+    _, config = mp.load_config("qwen2.5-vl-7b-instruct")
+    none = mp.make_plan(config, mp.Settings(gradient_checkpointing=True, vllm_gpu_memory_utilization=0.0))
+    hf = mp.make_plan(config, mp.Settings(gradient_checkpointing=True, vllm_gpu_memory_utilization=0.0,
+                                          hf_rollout_sequences=128))
+    gpu, copy = mp.GPUS["80GB"], 2 * 8_292_166_656  # bf16, every parameter
+    assert none.phases() == ["update", "step"] and hf.phases() == ["rollout", "update", "step"]
+    for phase in ("update", "step"):
+        assert hf.totals(gpu)[phase] - none.totals(gpu)[phase] == copy
+    # 128 sequences x (4,096 + 1,024) tokens x (k and v) x 28 layers x 4 KV heads x 128 x 2 B
+    kv = 128 * 5120 * 2 * 28 * 4 * 128 * 2
+    assert kv == 37_580_963_840
+    held = sum(row["step"] for _, row in none.rows if "update" in row and "step" in row)
+    assert hf.totals(gpu)["rollout"] == held + copy + kv + 4 * mp.GIB  # the trainer's states, the copy, the cache
+    assert "vLLM off (transformers generates 128 sequences at once)" in mp.format_plan(hf, config)
+
+
 def test_cli_prints_the_table_and_the_verdicts(capsys):
     mp.main(["--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--gradient-checkpointing", "--vllm-sleep-mode"])
     out = capsys.readouterr().out
@@ -344,8 +363,8 @@ def test_stage_command_lines_map_onto_the_plan(monkeypatch):
         gpus_per_node=8, nodes=2, gradient_checkpointing=True, vllm_sleep_mode=True, max_pixels=802816)
     args = step2_args(["--model-path", "m", "--registry", "r.json", "--data-path", "d", "--output-dir", "o",
                        "--rollout-engine", "hf", "--kl-coef", "0", "--entropy-coef", "0", "--offload"])
-    assert mp.settings_from_args(args, 8, stage=2) == mp.Settings(
-        vllm_gpu_memory_utilization=0.0, kl_coef=0.0, entropy_grad=False, offload=True)
+    assert mp.settings_from_args(args, 8, stage=2) == mp.Settings(  # 128 prompts x 8 over 8 ranks
+        vllm_gpu_memory_utilization=0.0, hf_rollout_sequences=128, kl_coef=0.0, entropy_grad=False, offload=True)
     args = step1_args(["--model-path", "m", "--train-data", "t.jsonl", "--output-dir", "o", "--max-length", "4096",
                        "--micro-batch-size", "2", "--freeze-vision-tower", "--attn-implementation", "sdpa"])
     assert mp.settings_from_args(args, 8, stage=1) == mp.Settings.step1(
